@@ -1,0 +1,163 @@
+"""The ``bard-data`` command. Each subcommand is a thin wrapper over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from bard_data.errors import BardError
+
+
+def _cmd_run(a) -> int:
+    from bard_data.recipe import load_recipe
+    from bard_data.runner import resolve_run_dir, run_recipe
+
+    recipe = load_recipe(a.recipe)
+    rd = resolve_run_dir(recipe, a.run_dir)
+    try:
+        run_recipe(recipe, rd, quiet=a.quiet, until=a.until)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished shards are saved in {rd}; resume with: "
+              f"bard-data run {a.recipe} --run-dir {rd}", file=sys.stderr)
+        return 130
+    _print_status(rd)
+    return 0
+
+
+def _print_status(run_dir: Path) -> None:
+    from bard_data.runner import funnel_frame, read_manifest, run_status
+
+    if not (Path(run_dir) / "manifest.json").exists():
+        raise BardError(f"{run_dir}: not a run directory (no manifest.json)")
+    m = read_manifest(run_dir)
+    print(f"run {run_dir} ({m.get('name')}, recipe {m.get('recipe_hash')}): {'complete' if m.get('complete') else 'incomplete'}")
+    for table, s in run_status(run_dir).items():
+        planned = s["shards_planned"] if s["shards_planned"] is not None else "?"
+        print(f"  {table:<18} {'done' if s['done'] else 'pending':<8} shards {s['shards_written']}/{planned}")
+    f = funnel_frame(run_dir)
+    if f is not None:
+        import polars as pl
+
+        with pl.Config(tbl_rows=200, tbl_hide_dataframe_shape=True, tbl_width_chars=120, fmt_str_lengths=40):
+            print(f.drop("count").filter(~pl.col("reason").fill_null("").str.starts_with("note:")))
+    tok = m.get("tokens", {})
+    for model, t in tok.items():
+        print(f"  llm {model}: sent {t['requests_sent']} requests, {t['cache_hits']} cache hits, "
+              f"{t['prompt_tokens']} prompt + {t['completion_tokens']} completion tokens")
+
+
+def _cmd_status(a) -> int:
+    _print_status(Path(a.run_dir))
+    return 0
+
+
+def _cmd_sql(a) -> int:
+    from bard_data.sql import run_sql_cli
+
+    return run_sql_cli(a)
+
+
+def _cmd_stats(a) -> int:
+    from bard_data.stats import stats_cli
+
+    return stats_cli(a)
+
+
+def _cmd_push(a) -> int:
+    from bard_data.publish import push_cli
+
+    return push_cli(a)
+
+
+def _cmd_export(a) -> int:
+    from bard_data.publish import export_cli
+
+    return export_cli(a)
+
+
+def _cmd_train(a) -> int:
+    if a.kind == "sft":
+        from trainers.sft import main as sft_main
+
+        return sft_main([a.config, *a.rest])
+    from trainers.grpo import main as grpo_main
+
+    return grpo_main([a.config, *a.rest])
+
+
+def _cmd_eval(a) -> int:
+    from trainers.evaluate import main as eval_main
+
+    return eval_main(a.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bard-data", description="Build budget-aware reasoning distillation datasets.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run or resume a recipe")
+    r.add_argument("recipe")
+    r.add_argument("--run-dir", default=None, help="overrides the recipe's run_dir")
+    r.add_argument("--until", default=None, help="stop after this table (e.g. teacher_samples)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("status", help="per-stage progress and the funnel of a run")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=_cmd_status)
+
+    q = sub.add_parser("sql", help="DuckDB SQL over a run or a published dataset directory")
+    q.add_argument("run_dir")
+    q.add_argument("query")
+    q.add_argument("--out", default=None, help="write the result to .csv, .parquet or .json")
+    q.add_argument("--max-rows", type=int, default=50)
+    q.set_defaults(fn=_cmd_sql)
+
+    st = sub.add_parser("stats", help="the built-in report of a run")
+    st.add_argument("run_dir")
+    st.add_argument("--plots", default=None, help="write PNG plots to this folder")
+    st.add_argument("--json", default=None, help="also write the report as JSON")
+    st.set_defaults(fn=_cmd_stats)
+
+    pu = sub.add_parser("push", help="publish a run to the Hugging Face Hub")
+    pu.add_argument("run_dir")
+    pu.add_argument("--repo", required=True)
+    pu.add_argument("--private", action="store_true")
+    pu.add_argument("--revision", default=None)
+    pu.set_defaults(fn=_cmd_push)
+
+    ex = sub.add_parser("export", help="write the publishable layout (parquet configs + card) locally")
+    ex.add_argument("run_dir")
+    ex.add_argument("out_dir")
+    ex.set_defaults(fn=_cmd_export)
+
+    tr = sub.add_parser("train", help="bundled TRL trainers")
+    tr.add_argument("kind", choices=["sft", "grpo"])
+    tr.add_argument("config")
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    tr.set_defaults(fn=_cmd_train)
+
+    ev = sub.add_parser("eval", help="budget-grid evaluation", add_help=False)
+    ev.add_argument("rest", nargs=argparse.REMAINDER)
+    ev.set_defaults(fn=_cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.fn(args) or 0)
+    except BardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

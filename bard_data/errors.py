@@ -1,0 +1,25 @@
+"""Errors that reach the user as one line.
+
+Every error a user can cause (a bad recipe, a bad source file, an unreachable server) is raised
+as a BardError whose message already names the file, row, key or column; the CLI prints
+``error: <message>`` and exits 2 without a traceback.
+"""
+
+
+class BardError(Exception):
+    """Base class: the message is the whole explanation, on one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class RecipeError(BardError):
+    """The recipe (YAML) is malformed, has unknown keys, wrong types or names missing files."""
+
+
+class DataError(BardError):
+    """A source table is unreadable, empty, or lacks a column the recipe maps."""
+
+
+class BackendError(BardError):
+    """An LLM backend cannot be started or reached (model not found, server down)."""

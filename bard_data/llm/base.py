@@ -1,0 +1,197 @@
+"""The one LLM interface every stage uses: a batch of chat requests in, completions out.
+
+Backends implement ``_generate`` over a whole batch (a batch engine must never be called one row
+at a time); ``CachedLLM`` wraps any backend so that each completion is looked up in, and stored to,
+the persistent completion cache before the backend is asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Message = dict[str, str]
+
+
+class SamplingConfig(BaseModel):
+    """Sampling parameters; all of them are part of the cache key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.6, ge=0.0, description="0 = greedy")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(-1, description="-1 = off")
+    max_tokens: int = Field(1024, gt=0, description="completion token limit")
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat completion to make. ``sample_index`` tells apart the k samples of one prompt."""
+
+    messages: tuple[tuple[str, str], ...]
+    sample_index: int = 0
+    # Structured output (a JSON schema) where the backend supports it; part of the cache key.
+    json_schema: Optional[str] = None
+
+    @staticmethod
+    def of(messages: list[Message], sample_index: int = 0, json_schema: dict | None = None) -> "ChatRequest":
+        return ChatRequest(
+            messages=tuple((m["role"], m["content"]) for m in messages),
+            sample_index=sample_index,
+            json_schema=json.dumps(json_schema, sort_keys=True) if json_schema else None,
+        )
+
+    def message_dicts(self) -> list[Message]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # "stop", "length", or "error" (then ``error`` says why; errors are never cached).
+    finish_reason: str = "stop"
+    error: Optional[str] = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def request_key(model: str, request: ChatRequest, sampling: SamplingConfig, seed: int) -> str:
+    """Cache key of one completion.
+
+    It holds what changes the output (model, messages, sampling parameters, seed, sample index,
+    output schema) and leaves out what does not (batch size, concurrency, timeouts, progress
+    display), as distilabel's signature does, so tuning throughput never invalidates the cache.
+    """
+    payload = {
+        "model": model,
+        "messages": request.messages,
+        "sampling": sampling.model_dump(mode="json"),
+        "seed": seed,
+        "sample_index": request.sample_index,
+        "json_schema": request.json_schema,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def request_seed(key_seed: int, request: ChatRequest) -> int:
+    """A per-request seed derived from the run seed and the request itself (not its position)."""
+    blob = json.dumps([key_seed, request.messages, request.sample_index], ensure_ascii=False)
+    return int(hashlib.sha256(blob.encode("utf-8")).hexdigest()[:8], 16)
+
+
+@dataclass
+class LLMStats:
+    requests_sent: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generate_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class LLM:
+    """Base class of the backends. Subclasses implement ``_generate`` for a whole batch."""
+
+    kind: str = "base"
+
+    def __init__(self, model: str):
+        self.model = model
+        self.stats = LLMStats()
+
+    def _generate(self, requests: list[ChatRequest], sampling: SamplingConfig, seed: int) -> list[Completion]:
+        raise NotImplementedError
+
+    def generate(
+        self, requests: list[ChatRequest], sampling: SamplingConfig, seed: int = 0
+    ) -> list[Completion]:
+        if not requests:
+            return []
+        import time
+
+        t0 = time.perf_counter()
+        out = self._generate(requests, sampling, seed)
+        self.stats.generate_seconds += time.perf_counter() - t0
+        self.stats.requests_sent += len(requests)
+        for c in out:
+            self.stats.prompt_tokens += c.prompt_tokens
+            self.stats.completion_tokens += c.completion_tokens
+            self.stats.errors += 0 if c.ok else 1
+        return out
+
+    def close(self) -> None:  # engines with processes or servers release them here
+        pass
+
+
+@dataclass
+class CachedLLM:
+    """A backend behind the persistent completion cache.
+
+    Only the misses go to the backend, all in one batch; successful completions are stored as
+    soon as the batch returns, so a run killed afterwards never pays for them again.
+    """
+
+    backend: LLM
+    cache: "Any"  # bard_data.cache.CompletionCache
+    stats: LLMStats = field(default_factory=LLMStats)
+
+    @property
+    def model(self) -> str:
+        return self.backend.model
+
+    def generate(
+        self, requests: list[ChatRequest], sampling: SamplingConfig, seed: int = 0
+    ) -> list[Completion]:
+        keys = [request_key(self.backend.model, r, sampling, seed) for r in requests]
+        found = self.cache.get_many(keys)
+        miss_idx: list[int] = []
+        seen: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in found and k not in seen:
+                seen[k] = i
+                miss_idx.append(i)
+        self.stats.cache_hits += len(requests) - len(miss_idx)
+        fresh: dict[str, Completion] = {}
+        if miss_idx:
+            before = self.backend.stats.requests_sent
+            results = self.backend.generate([requests[i] for i in miss_idx], sampling, seed)
+            self.stats.requests_sent += self.backend.stats.requests_sent - before
+            good = {}
+            for i, c in zip(miss_idx, results):
+                fresh[keys[i]] = c
+                self.stats.prompt_tokens += c.prompt_tokens
+                self.stats.completion_tokens += c.completion_tokens
+                if c.ok:
+                    good[keys[i]] = c
+                else:
+                    self.stats.errors += 1
+            self.cache.put_many(self.backend.model, good)
+        out = []
+        for k in keys:
+            if k in found:
+                c = found[k]
+                c.cached = True
+                out.append(c)
+            else:
+                out.append(fresh[k])
+        return out
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+FinishReason = Literal["stop", "length", "error"]

@@ -1,0 +1,94 @@
+"""Judge stage: an LLM judge checks each compression for a dropped step the answer needs."""
+
+from __future__ import annotations
+
+import polars as pl
+from pydantic import Field
+
+from bard_data.llm.base import ChatRequest
+from bard_data.llm.config import LLMStageConfig
+from bard_data.prompts import render
+from bard_data.stages.base import ShardResult, Stage, excluded_rows, run_sharded
+from bard_data.stages.teacher import chat_messages
+
+DEFAULT_JUDGE_PROMPT = """\
+You check whether a compressed solution is logically complete.
+
+Problem:
+{{ question }}
+
+Original solution:
+{{ reasoning }}
+
+Compressed solution:
+{{ compressed }}
+
+Is every step that the final answer depends on still present in the compressed solution, so
+that a reader can follow it to the answer {{ answer }} without the original? List the missing
+steps, if any. Reply with JSON only:
+{"complete": true or false, "score": a number from 0 to 1, "missing_steps": ["..."]}
+"""
+
+
+class JudgeConfig(LLMStageConfig):
+    prompt_template: str = Field(DEFAULT_JUDGE_PROMPT, description="jinja2: question, reasoning, compressed, answer, budget")
+    min_score: float = Field(0.5, ge=0, le=1, description="a compression passes with score >= this ...")
+    require_complete: bool = Field(True, description="... and, if set, complete = true")
+    structured_output: bool = Field(True, description="ask the backend for JSON-schema guided output")
+    only_answer_preserved: bool = Field(True, description="skip judging compressions whose answer already changed")
+
+
+class JudgeStage(Stage):
+    table = "judgments"
+    requires = ("compressions",)
+
+    def enabled(self, ctx) -> bool:
+        return ctx.recipe.judge is not None and ctx.recipe.compression is not None
+
+    def run(self, ctx) -> None:
+        from bard_data.judging import VERDICT_JSON_SCHEMA, parse_verdict
+
+        cfg: JudgeConfig = ctx.recipe.judge
+        comps = ctx.store.read("compressions")
+        gold = ctx.store.read("gold_chains").select("sample_id", "question", "reasoning")
+        todo = comps.select("compression_id", "sample_id", "budget", "compressed_reasoning", "gold_answer", "answer_preserved")
+        if cfg.only_answer_preserved:
+            todo = todo.filter(pl.col("answer_preserved"))
+        todo = todo.join(gold, on="sample_id", how="left").sort("compression_id")
+        schema = VERDICT_JSON_SCHEMA if cfg.structured_output else None
+
+        def process(shard: pl.DataFrame, i: int) -> ShardResult:
+            llm = ctx.llm(cfg)
+            reqs = [
+                ChatRequest.of(chat_messages(cfg.system_prompt, render(
+                    cfg.prompt_template, question=r["question"], reasoning=r["reasoning"],
+                    compressed=r["compressed_reasoning"], answer=r["gold_answer"], budget=r["budget"],
+                )), 0, schema)
+                for r in shard.iter_rows(named=True)
+            ]
+            outs = llm.generate(reqs, cfg.sampling, cfg.seed)
+            parsed = [parse_verdict(o.text) if o.ok else (None, None) for o in outs]
+            df = shard.select("compression_id").with_columns(
+                pl.lit(cfg.backend.model).alias("model"),
+                pl.Series("complete", [v.complete if v else None for v, _ in parsed], dtype=pl.Boolean),
+                pl.Series("score", [v.score if v else None for v, _ in parsed], dtype=pl.Float64),
+                pl.Series("missing_steps", [v.missing_steps if v else None for v, _ in parsed], dtype=pl.List(pl.Utf8)),
+                pl.Series("parse_error", [e for _, e in parsed], dtype=pl.Utf8),
+                pl.Series("raw_output", [o.text for o in outs], dtype=pl.Utf8),
+                pl.Series("error", [o.error for o in outs], dtype=pl.Utf8),
+            ).with_columns(
+                (pl.col("score").fill_null(-1.0) >= cfg.min_score)
+                .and_(pl.col("complete").fill_null(False) | (not cfg.require_complete))
+                .alias("passed"),
+                pl.when(pl.col("parse_error").is_not_null()).then(pl.lit("unparsable"))
+                .when(pl.col("score").fill_null(-1.0) >= cfg.min_score).then(
+                    pl.when(pl.col("complete").fill_null(False) | (not cfg.require_complete)).then(pl.lit("pass")).otherwise(pl.lit("incomplete")))
+                .otherwise(pl.lit("low_score")).alias("verdict"),
+            )
+            failed = df.filter(pl.col("error").is_not_null())
+            return ShardResult(
+                kept=df.filter(pl.col("error").is_null()).drop("error"),
+                excluded=excluded_rows(failed, "llm_error", pl.col("error")),
+            )
+
+        run_sharded(ctx, self.table, todo, process, ctx.recipe.shard_size)

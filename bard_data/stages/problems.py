@@ -1,0 +1,116 @@
+"""Problems stage: load every source, normalize gold answers, assign content ids, deduplicate,
+decontaminate against held-out benchmarks."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from bard_data.answers import normalize_gold
+from bard_data.errors import DataError
+from bard_data.ids import hash_expr, normalize_question
+from bard_data.io import read_table, require_columns
+from bard_data.stages.base import ShardResult, Stage, concat_excluded, excluded_rows
+
+PROBLEM_COLUMNS = ["problem_id", "source", "question", "answer", "raw_answer", "domain", "split", "meta"]
+MAX_QUESTION_CHARS = 100_000
+
+
+def load_source(recipe, src) -> pl.DataFrame:
+    """One source as rows of (source, source_row, question, raw_answer, domain, split, meta)."""
+    path = recipe.resolve(src.path, force=src.format in ("jsonl", "parquet", "datasets"))
+    where = f"{recipe.source_file}: sources[{src.name}] {path}"
+    df = read_table(path, src.format, src.limit, src.hub_config, src.hub_split)
+    if df.height == 0:
+        raise DataError(f"{where}: the source has no rows")
+    cols = src.columns
+    require_columns(df, cols.model_dump(), where)
+    mapped = set(v for v in cols.model_dump().values() if v)
+    extra = [c for c in df.columns if c not in mapped]
+    meta = (
+        pl.struct(extra).map_elements(lambda r: json.dumps(r, default=str, ensure_ascii=False), return_dtype=pl.Utf8)
+        if extra
+        else pl.lit("{}")
+    )
+    return df.with_row_index("source_row").select(
+        pl.lit(src.name).alias("source"),
+        pl.col("source_row").cast(pl.Int64),
+        pl.col(cols.question).cast(pl.Utf8).alias("question"),
+        _as_text(df, cols.answer).alias("raw_answer"),
+        (pl.col(cols.domain).cast(pl.Utf8) if cols.domain else pl.lit(src.domain)).alias("domain"),
+        (pl.col(cols.split).cast(pl.Utf8) if cols.split else pl.lit(src.split)).alias("split"),
+        (pl.col(cols.id).cast(pl.Utf8) if cols.id else pl.lit(None, pl.Utf8)).alias("source_id"),
+        meta.alias("meta"),
+        pl.lit(src.answer_format).alias("answer_format"),
+    )
+
+
+def _as_text(df: pl.DataFrame, col: str) -> pl.Expr:
+    # Floats like AMC's 27.0 must read "27", not "27.0"; normalize_gold handles the rest.
+    dt = df.schema[col]
+    if dt.is_float():
+        return pl.col(col).map_elements(lambda v: repr(int(v)) if float(v).is_integer() else repr(v), return_dtype=pl.Utf8)
+    return pl.col(col).cast(pl.Utf8)
+
+
+def normalize_answers(df: pl.DataFrame) -> pl.DataFrame:
+    norm = [normalize_gold(raw, fmt) if raw is not None else None
+            for raw, fmt in zip(df["raw_answer"].to_list(), df["answer_format"].to_list())]
+    return df.with_columns(pl.Series("answer", norm, dtype=pl.Utf8))
+
+
+def build_problems(recipe) -> ShardResult:
+    frames = [load_source(recipe, s) for s in recipe.sources]
+    df = pl.concat(frames, how="vertical_relaxed")
+    rows_in = df.height
+    df = df.with_columns(
+        pl.col("question").fill_null("").str.replace_all("\x00", "").alias("question"),
+    ).with_columns(
+        pl.col("question").map_elements(normalize_question, return_dtype=pl.Utf8).alias("_norm_q")
+    )
+    bad_q = df.filter((pl.col("_norm_q") == "") | (pl.col("question").str.len_chars() > MAX_QUESTION_CHARS))
+    df = df.filter((pl.col("_norm_q") != "") & (pl.col("question").str.len_chars() <= MAX_QUESTION_CHARS))
+    ex_q = excluded_rows(
+        bad_q,
+        pl.when(pl.col("_norm_q") == "").then(pl.lit("empty_question")).otherwise(pl.lit("question_too_long")),
+        pl.format("{} row {}", "source", "source_row"),
+    )
+
+    df = normalize_answers(df)
+    bad_a = df.filter(pl.col("answer").is_null())
+    df = df.filter(pl.col("answer").is_not_null())
+    ex_a = excluded_rows(bad_a, "gold_unparsable", pl.format("raw answer: {}", pl.col("raw_answer").str.slice(0, 200)))
+
+    # The id hashes the normalized question and gold answer: the same problem from two sources
+    # (or twice in one) gets one id, so exact and whitespace/case duplicates collapse here.
+    df = df.with_columns(hash_expr("p", "_norm_q", "answer").alias("problem_id"))
+    first = pl.int_range(pl.len()).over("problem_id") == 0
+    dups = df.filter(~first)
+    df = df.filter(first)
+    ex_d = excluded_rows(dups, "duplicate", pl.format("same question as an earlier row ({})", "problem_id"))
+
+    excluded = concat_excluded(ex_q, ex_a, ex_d)
+    kept = df.select(PROBLEM_COLUMNS + ["source_row", "source_id"])
+    return ShardResult(kept=kept, excluded=excluded.drop("_norm_q", strict=False) if excluded is not None else None, rows_in=rows_in)
+
+
+class ProblemsStage(Stage):
+    table = "problems"
+
+    def run(self, ctx) -> None:
+        recipe = ctx.recipe
+        res = build_problems(recipe)
+        report = None
+        if recipe.decontamination is not None and recipe.decontamination.enabled and recipe.decontamination.references:
+            from bard_data.decontam import decontaminate, load_references
+            from pathlib import Path
+
+            refs = load_references(recipe.decontamination, Path(recipe.base_dir))
+            kept, contaminated, report = decontaminate(res.kept, refs, recipe.decontamination.ngram)
+            res = ShardResult(kept=kept, excluded=concat_excluded(res.excluded, contaminated), rows_in=res.rows_in)
+        if res.kept.height == 0:
+            raise DataError(f"{recipe.source_file}: no problems left after loading and filtering the sources")
+        if report is not None:
+            ctx.store.write_table("decontamination", report)
+        ctx.store.write_table(self.table, res.kept, res.excluded, res.funnel(self.table, 0, res.rows_in))

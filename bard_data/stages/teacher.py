@@ -1,0 +1,111 @@
+"""Teacher stage: k samples per problem from the teacher LLM, split, answer-checked, counted."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from bard_data.answers import extract_answer, verify
+from bard_data.llm.base import ChatRequest, request_key
+from bard_data.prompts import render
+from bard_data.reasoning import split_reasoning
+from bard_data.stages.base import ShardResult, Stage, excluded_rows, run_sharded
+
+SAMPLE_COLUMNS = [
+    "sample_id", "problem_id", "source", "origin", "model", "sample_index", "prompt", "completion",
+    "reasoning", "response", "think_closed", "predicted_answer", "gold_answer", "is_correct",
+    "reasoning_tokens", "completion_tokens", "finish_reason",
+]
+
+
+def chat_messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return msgs + [{"role": "user", "content": user}]
+
+
+def split_trace(text: str, untagged: str = "last_paragraph") -> tuple[str, str, bool]:
+    """``split_reasoning`` plus a rule for text with no think tags at all.
+
+    ``untagged``: "response" (no reasoning), "reasoning" (all of it is reasoning), or
+    "last_paragraph" (the last paragraph is the response, the rest the reasoning: how worked
+    solutions and non-reasoning models write).
+    """
+    reasoning, response, closed = split_reasoning(text)
+    if closed or reasoning or untagged == "response" or "<think>" in text:
+        return reasoning, response, closed
+    body = text.strip()
+    if untagged == "reasoning":
+        return body, "", False
+    head, sep, tail = body.rpartition("\n\n")
+    if not sep:
+        head, sep, tail = body.rpartition("\n")
+    return (head.strip(), tail.strip(), False) if sep else ("", body, False)
+
+
+def verify_samples(ctx, df: pl.DataFrame, untagged: str = "last_paragraph") -> pl.DataFrame:
+    """Split reasoning from response, extract and verify the answer, count reasoning tokens.
+
+    Shared by sampled and imported traces so both are judged by the same rules. Needs columns
+    ``completion`` and ``gold_answer``; an unparsable gold (null) never verifies.
+    """
+    splits = [split_trace(t or "", untagged) for t in df["completion"].to_list()]
+    reasoning = [s[0] for s in splits]
+    response = [s[1] for s in splits]
+    # R1-style models that never close </think> leave no response: look for the answer in
+    # the reasoning then, as a reader of the trace would.
+    preds = [extract_answer(r) if r.strip() else extract_answer(rs) for r, rs in zip(response, reasoning)]
+    golds = df["gold_answer"].to_list()
+    correct = [bool(g) and verify(p, g) for p, g in zip(preds, golds)]
+    return df.with_columns(
+        pl.Series("reasoning", reasoning, dtype=pl.Utf8),
+        pl.Series("response", response, dtype=pl.Utf8),
+        pl.Series("think_closed", [s[2] for s in splits], dtype=pl.Boolean),
+        pl.Series("predicted_answer", preds, dtype=pl.Utf8),
+        pl.Series("is_correct", correct, dtype=pl.Boolean),
+        pl.Series("reasoning_tokens", ctx.count_tokens(reasoning), dtype=pl.Int64),
+    )
+
+
+class TeacherStage(Stage):
+    table = "teacher_samples"
+    requires = ("problems",)
+
+    def enabled(self, ctx) -> bool:
+        t = ctx.recipe.teacher
+        return t is not None and t.enabled
+
+    def run(self, ctx) -> None:
+        cfg = ctx.recipe.teacher
+        problems = ctx.store.read("problems").sort("problem_id")
+        k = cfg.samples_per_problem
+        # One row per (problem, sample index): the unit the funnel counts for this stage.
+        todo = problems.select("problem_id", "source", "question", "answer").join(
+            pl.DataFrame({"sample_index": list(range(k))}, schema={"sample_index": pl.Int64}), how="cross"
+        ).sort("problem_id", "sample_index")
+
+        def process(shard: pl.DataFrame, i: int) -> ShardResult:
+            llm = ctx.llm(cfg)
+            msgs = [chat_messages(cfg.system_prompt, render(cfg.prompt_template, question=q)) for q in shard["question"]]
+            reqs = [ChatRequest.of(m, s) for m, s in zip(msgs, shard["sample_index"].to_list())]
+            outs = llm.generate(reqs, cfg.sampling, cfg.seed)
+            keys = [request_key(cfg.backend.model, r, cfg.sampling, cfg.seed) for r in reqs]
+            df = shard.with_columns(
+                pl.Series("sample_id", ["s-" + key[:16] for key in keys]),
+                pl.lit("sampled").alias("origin"),
+                pl.lit(cfg.backend.model).alias("model"),
+                pl.Series("prompt", [json.dumps(m, ensure_ascii=False) for m in msgs]),
+                pl.Series("completion", [o.text for o in outs], dtype=pl.Utf8),
+                pl.Series("completion_tokens", [o.completion_tokens for o in outs], dtype=pl.Int64),
+                pl.Series("finish_reason", [o.finish_reason for o in outs], dtype=pl.Utf8),
+                pl.Series("error", [o.error for o in outs], dtype=pl.Utf8),
+                pl.col("answer").alias("gold_answer"),
+            )
+            failed = df.filter(pl.col("error").is_not_null())
+            ok = verify_samples(ctx, df.filter(pl.col("error").is_null()), cfg.untagged)
+            return ShardResult(
+                kept=ok.select(SAMPLE_COLUMNS),
+                excluded=excluded_rows(failed.drop("answer"), "llm_error", pl.col("error")),
+            )
+
+        run_sharded(ctx, self.table, todo, process, ctx.recipe.shard_size, unit="samples")
