@@ -163,6 +163,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, quiet: bool = 
     ctx = RunContext(recipe, rd, quiet=quiet)
     ctx.shard_hooks.extend(hooks or [])
     stages = [s for s in all_stages() if s.enabled(ctx)]
+    preflight(ctx)
     manifest = {
         "name": recipe.name,
         "recipe": recipe.resolved_dict(),
@@ -197,6 +198,23 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, quiet: bool = 
         _write_manifest(ctx, manifest, invocation)
         ctx.close()
     return ctx
+
+
+def preflight(ctx: RunContext) -> None:
+    """Fail on run-level input before any work: the tokenizer loads, every template renders."""
+    from bard_data.prompts import check_template
+    from bard_data.stages.format import prompt_messages
+
+    r = ctx.recipe
+    _ = ctx.tokenizer
+    ex = dict(question="q", reasoning="r", answer="1", budget=100, target=100, original_tokens=200, compressed="c")
+    if r.teacher is not None:
+        check_template(r.teacher.prompt_template, question="q")
+    if r.compression is not None:
+        check_template(r.compression.prompt_template, **ex)
+    if r.judge is not None:
+        check_template(r.judge.prompt_template, **ex)
+    prompt_messages(r.format, "q", 100)
 
 
 def _write_manifest(ctx: RunContext, manifest: dict, invocation: dict) -> None:

