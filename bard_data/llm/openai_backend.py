@@ -52,7 +52,7 @@ class OpenAICompatLLM(LLM):
             try:
                 import openai
             except Exception as exc:
-                raise BackendError(f"openai backend: cannot import the openai client: {type(exc).__name__}: {exc}") from None
+                raise BackendError(f"openai backend: cannot import the openai client: {_one_line(exc)}") from None
             client = openai.OpenAI(
                 base_url=cfg.base_url, api_key=self._api_key, timeout=cfg.timeout_s, max_retries=0
             )

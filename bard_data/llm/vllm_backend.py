@@ -217,14 +217,8 @@ class VLLMEngine(LLM):
         except Exception:  # pragma: no cover
             client_errors = ()
         row_errors = (ValueError, TypeError, KeyError) + client_errors + template_errors
-        one_params = params[idx[0]]
-        same = all(params[i] is one_params for i in idx)
         try:
-            outs = self._llm.chat(
-                [convs[i] for i in idx],
-                one_params if same else [params[i] for i in idx],
-                use_tqdm=_progress(),
-            )
+            outs = self._llm.chat([convs[i] for i in idx], [params[i] for i in idx], use_tqdm=_progress())
         except EngineDeadError as exc:  # type: ignore[misc]
             raise BackendError(f"vllm backend: engine for '{self.model}' died: {_one_line(exc)}") from None
         except row_errors as exc:

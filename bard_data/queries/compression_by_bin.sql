@@ -1,0 +1,28 @@
+-- title: Compression ratio and budget deviation per budget bin
+-- requires: compressions, balance
+-- ratio = compressed_tokens / original_tokens; deviation = (compressed_tokens - budget) / budget.
+-- Bins are the balancing bins; compressions outside them are grouped as 'outside'.
+-- Percentiles are linear-interpolated (quantile_cont).
+WITH bins AS (
+    SELECT *, max(bin_index) OVER () AS last_bin FROM balance
+),
+c AS (
+    SELECT c.*, b.bin_index, coalesce(b.bin, 'outside') AS bin
+    FROM compressions c
+    LEFT JOIN bins b
+        ON c.budget >= b.lo AND (c.budget < b.hi OR (b.bin_index = b.last_bin AND c.budget <= b.hi))
+)
+SELECT
+    bin,
+    count(*) AS n,
+    avg(ratio) AS ratio_mean,
+    quantile_cont(ratio, 0.5) AS ratio_p50,
+    quantile_cont(ratio, 0.9) AS ratio_p90,
+    avg(deviation) AS deviation_mean,
+    quantile_cont(deviation, 0.5) AS deviation_p50,
+    quantile_cont(deviation, 0.9) AS deviation_p90,
+    avg(CAST(within_tolerance AS DOUBLE)) AS within_tolerance_rate,
+    avg(CAST(answer_preserved AS DOUBLE)) AS answer_preserved_rate
+FROM c
+GROUP BY bin, bin_index
+ORDER BY bin_index NULLS LAST
