@@ -446,7 +446,7 @@ def resolve_query_text(text: str) -> str:
 
 def print_frame(df: pl.DataFrame, max_rows: int = 50) -> None:
     with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200,
-                   tbl_hide_dataframe_shape=True, fmt_float="full"):
+                   tbl_hide_dataframe_shape=True):
         print(df)
     if df.height > max_rows:
         print(f"({df.height} rows, {max_rows} shown; --max-rows N or --out FILE for all)")

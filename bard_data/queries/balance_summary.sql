@@ -10,8 +10,8 @@ WITH s AS (
 )
 SELECT
     count(*) AS bins,
-    sum(before) AS rows_before,
-    sum(after) AS rows_after,
+    CAST(sum(before) AS BIGINT) AS rows_before,
+    CAST(sum(after) AS BIGINT) AS rows_after,
     0.5 * sum(abs(p_before - target)) AS tv_before,
     0.5 * sum(abs(p_after - target)) AS tv_after
 FROM s

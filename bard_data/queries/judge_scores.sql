@@ -12,7 +12,7 @@ SELECT
     END AS score,
     count(*) AS n,
     count(*) / sum(count(*)) OVER () AS share,
-    sum(CAST(passed AS INTEGER)) AS passed
+    count(*) FILTER (WHERE passed) AS passed
 FROM j
 GROUP BY bucket
 ORDER BY bucket NULLS LAST

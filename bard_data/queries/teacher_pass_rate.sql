@@ -4,7 +4,7 @@
 WITH per_problem AS (
     SELECT source, origin, problem_id,
            count(*) AS samples,
-           sum(CAST(is_correct AS INTEGER)) AS correct
+           count(*) FILTER (WHERE is_correct) AS correct
     FROM teacher_samples
     GROUP BY source, origin, problem_id
 )
@@ -12,8 +12,8 @@ SELECT
     source,
     origin,
     count(*) AS problems,
-    sum(samples) AS samples,
-    sum(correct) AS correct,
+    CAST(sum(samples) AS BIGINT) AS samples,
+    CAST(sum(correct) AS BIGINT) AS correct,
     sum(correct) / sum(samples) AS pass_rate,
     avg(CAST(correct > 0 AS DOUBLE)) AS solved_rate
 FROM per_problem

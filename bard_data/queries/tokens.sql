@@ -2,11 +2,11 @@
 -- requires: tokens
 SELECT
     coalesce(model, 'total') AS model,
-    sum(prompt_tokens) AS prompt_tokens,
-    sum(completion_tokens) AS completion_tokens,
-    sum(prompt_tokens + completion_tokens) AS total_tokens,
-    sum(requests_sent) AS requests_sent,
-    sum(cache_hits) AS cache_hits
+    CAST(sum(prompt_tokens) AS BIGINT) AS prompt_tokens,
+    CAST(sum(completion_tokens) AS BIGINT) AS completion_tokens,
+    CAST(sum(prompt_tokens + completion_tokens) AS BIGINT) AS total_tokens,
+    CAST(sum(requests_sent) AS BIGINT) AS requests_sent,
+    CAST(sum(cache_hits) AS BIGINT) AS cache_hits
 FROM tokens
 GROUP BY ROLLUP (model)
 HAVING count(*) > 0
