@@ -1,0 +1,474 @@
+"""BARD rewards for GRPO: R_acc (answer verifies), R_bud (budget fidelity), and their products.
+
+Every reward follows TRL's reward-function signature::
+
+    f(prompts, completions, completion_ids=None, **columns) -> list[float]
+
+``completions`` are strings or conversational lists (``[{"role": "assistant", "content": ...}]``);
+the dataset's columns arrive as keyword lists, one value per completion: ``solution`` (the gold
+answer; ``answer`` is accepted as an alias) and ``budget`` (the thinking budget in tokens).
+
+Definitions (all knobs in ``RewardConfig``, none hidden):
+
+- **R_acc** = 1 when the answer extracted from the response verifies against the gold answer
+  (``bard_data.answers.verify``: math-verify for math, exact letter match for multiple choice),
+  else 0. The answer is looked for after ``</think>``; a completion with no think tags at all is all
+  response. An *unclosed* ``<think>`` (ran out of tokens while thinking) has no answer: an
+  answer-looking tail of unfinished thinking is not an answer (``bard_data.reasoning``'s rule).
+  An unparsable gold or prediction scores 0.
+- **R_bud** from the reasoning length n (tokens inside ``<think>``) and the budget b.
+  d = (n - b) / b, clipped at 0 below when ``one_sided`` (only overshoot is penalized), |d|
+  otherwise. R_bud = 1 when d <= tolerance; beyond it, with excess = d - tolerance,
+  ``linear``: max(0, 1 - alpha * excess), ``exp``: exp(-alpha * excess).
+  A missing ``</think>`` means the reasoning runs to the end of the completion (so dropping the
+  tags cannot game the budget). No budget (None, or b <= 0) means no constraint: R_bud = 1.
+- **bard** = R_acc x R_bud (the default; a short wrong answer earns 0) and **additive** =
+  R_acc + R_bud (the ablation that reward-hacks: a short wrong answer earns 1).
+
+Counting n. With ``completion_ids`` (what TRL passes) the tokens between the ``<think>`` id (if it
+was generated) and the ``</think>`` id are counted, trailing special tokens (eos, pad) dropped, and,
+when a tokenizer is known, whitespace-only tokens at both edges dropped, so that the count matches
+the text path's. Without ids the reasoning text (stripped, tags removed) is encoded with the
+tokenizer (``add_special_tokens=False``), as the pipeline counts ``reasoning_tokens``. The
+tokenizer may be a transformers tokenizer, a path to one, or ``"whitespace"`` (words; for tests
+and quick looks, never for training).
+
+Defaults and why:
+
+- ``tolerance = 0.1``: a 10% slack is what the compression stage's own budget fidelity can
+  reach; tighter than that would penalize tokenization noise between the teacher's and student's
+  counting.
+- ``one_sided = True``: users state a *ceiling* ("think for at most N tokens"). Thinking less
+  is what they want when the answer is still right, and R_acc already gates it (a short wrong
+  answer earns 0 under the multiplicative reward), so under-budget thinking needs no penalty.
+  Two-sided is there for studies of budget *matching*.
+- ``shape = "linear"``, ``alpha = 1.0``: the deviation is relative, so alpha = 1 means each extra
+  budget-worth of tokens costs the whole reward: R_bud falls to 0.6 at 1.5 b and to 0 at
+  (2 + tolerance) b. That still pays something for completions moderately over budget, which is
+  where an SFT student starts RL (typically 20-50% over), so the group advantages of GRPO are not
+  all zero; a steeper alpha (or exp with large alpha) makes the reward sparse early on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bard_data.answers import extract_answer, verify
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RewardConfig",
+    "TokenCounter",
+    "RewardFunction",
+    "REWARDS",
+    "get_reward",
+    "accuracy_reward",
+    "budget_reward",
+    "bard_reward",
+    "additive_reward",
+    "budget_score",
+    "budget_metrics",
+    "completion_text",
+    "reasoning_lengths",
+]
+
+_EPS = 1e-12
+_BUDGET_IN_PROMPT = re.compile(r"budget\s*:?\s*(\d+)\s*tokens", re.IGNORECASE)
+
+
+class RewardConfig(BaseModel):
+    """Shape of R_bud and how reasoning is delimited (see the module docstring for the defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tolerance: float = Field(0.1, ge=0.0, description="relative deviation |n-b|/b that still earns R_bud = 1")
+    alpha: float = Field(1.0, ge=0.0, description="decay rate of R_bud beyond the tolerance")
+    one_sided: bool = Field(True, description="only overshoot (n > b) is penalized")
+    shape: Literal["linear", "exp"] = "linear"
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    # Token ids of the tags for the completion_ids path when no tokenizer is given.
+    think_open_id: Optional[int] = None
+    think_close_id: Optional[int] = None
+    verify_timeout_s: float = Field(5.0, gt=0, description="math-verify timeout (main thread only)")
+
+
+# ---------------------------------------------------------------------------------------------
+# completions and columns
+
+
+def completion_text(completion: Any) -> str:
+    """The assistant text of a completion: a string, or a conversational list of messages (the
+    assistant turns' contents joined; content parts of type text are joined too)."""
+    if completion is None:
+        return ""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        completion = [completion]
+    parts: list[str] = []
+    msgs = list(completion)
+    assistant = [m for m in msgs if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
+    for m in assistant or msgs:
+        content = m.get("content") if isinstance(m, dict) else m
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    return "".join(parts)
+
+
+def _prompt_text(prompt: Any) -> str:
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+
+
+def _column(columns: dict, names: Sequence[str], n: int) -> Optional[list]:
+    for name in names:
+        if name in columns and columns[name] is not None:
+            vals = columns[name]
+            if not isinstance(vals, (list, tuple)):
+                vals = [vals] * n
+            if len(vals) != n:
+                raise ValueError(f"column {name!r} has {len(vals)} values for {n} completions")
+            return list(vals)
+    return None
+
+
+def _budgets(prompts, columns: dict, n: int) -> list[Optional[int]]:
+    vals = _column(columns, ("budget",), n)
+    if vals is None:
+        # No budget column: read "Thinking budget: N tokens." from the prompt (the dataset template).
+        prompts = list(prompts) if prompts is not None else [None] * n
+        vals = []
+        for p in prompts:
+            m = _BUDGET_IN_PROMPT.search(_prompt_text(p))
+            vals.append(int(m.group(1)) if m else None)
+    out: list[Optional[int]] = []
+    for v in vals:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            out.append(None)
+        else:
+            out.append(int(v) if int(v) > 0 else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# counting reasoning tokens
+
+
+class _Whitespace:
+    """A stand-in tokenizer: one token per whitespace-separated word."""
+
+    all_special_ids: list[int] = []
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return text.split()
+
+
+class TokenCounter:
+    """Counts reasoning tokens from text (with a tokenizer) or from completion ids (with the
+    think tags' ids, taken from the tokenizer or given in the config)."""
+
+    def __init__(self, tokenizer: Any = None, cfg: RewardConfig | None = None):
+        self.cfg = cfg or RewardConfig()
+        if isinstance(tokenizer, str):
+            if tokenizer == "whitespace":
+                tokenizer = _Whitespace()
+            else:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.tokenizer = tokenizer
+        self.open_id = self.cfg.think_open_id
+        self.close_id = self.cfg.think_close_id
+        self._special: set[int] = set()
+        self._blank: dict[int, bool] = {}
+        if tokenizer is not None and not isinstance(tokenizer, _Whitespace):
+            if self.open_id is None:
+                self.open_id = _single_token_id(tokenizer, self.cfg.think_open)
+            if self.close_id is None:
+                self.close_id = _single_token_id(tokenizer, self.cfg.think_close)
+            self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def __getstate__(self):  # picklable (TRL may copy reward functions across processes)
+        return self.__dict__
+
+    # -- text path ------------------------------------------------------------------------
+    def reasoning_text(self, text: str) -> tuple[str, bool]:
+        """(reasoning, closed): the text inside the think block; a missing close tag means the
+        reasoning runs to the end (also when there are no tags at all)."""
+        o_tag, c_tag = self.cfg.think_open, self.cfg.think_close
+        c = text.find(c_tag)
+        head = text if c < 0 else text[:c]
+        return head.replace(o_tag, "").replace(c_tag, "").strip(), c >= 0
+
+    def count_texts(self, texts: list[str]) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(
+                "counting reasoning tokens needs completion_ids (with the think tag ids) or a tokenizer: "
+                "pass tokenizer=<tokenizer or path> (or 'whitespace' for a word count)"
+            )
+        tok = self.tokenizer
+        if hasattr(tok, "__call__") and not isinstance(tok, _Whitespace) and texts:
+            try:
+                ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+                return [len(x) for x in ids]
+            except Exception:  # tokenizers without batch __call__
+                pass
+        return [len(tok.encode(t, add_special_tokens=False)) if t else 0 for t in texts]
+
+    # -- ids path -------------------------------------------------------------------------
+    def _is_blank(self, tid: int) -> bool:
+        if self.tokenizer is None or isinstance(self.tokenizer, _Whitespace):
+            return False
+        if tid not in self._blank:
+            try:
+                self._blank[tid] = self.tokenizer.decode([tid]).strip() == ""
+            except Exception:
+                self._blank[tid] = False
+        return self._blank[tid]
+
+    def count_ids(self, ids: Sequence[int]) -> tuple[int, bool]:
+        if self.close_id is None:
+            raise ValueError(
+                "counting from completion_ids needs the </think> token id: pass a tokenizer or set "
+                "think_close_id (and think_open_id) in the RewardConfig"
+            )
+        ids = [int(t) for t in ids]
+        end = len(ids)
+        closed = False
+        if self.close_id in ids:
+            end = ids.index(self.close_id)
+            closed = True
+        else:
+            while end > 0 and ids[end - 1] in self._special:
+                end -= 1
+        start = 0
+        if self.open_id is not None and self.open_id in ids[:end]:
+            start = ids.index(self.open_id) + 1
+        span = [t for t in ids[start:end] if t != self.open_id and t != self.close_id]
+        lo, hi = 0, len(span)
+        while lo < hi and self._is_blank(span[lo]):
+            lo += 1
+        while hi > lo and self._is_blank(span[hi - 1]):
+            hi -= 1
+        return hi - lo, closed
+
+    def lengths(self, completions: Sequence[Any], completion_ids: Optional[Sequence[Sequence[int]]] = None) -> tuple[list[int], list[bool]]:
+        """Reasoning token counts and whether each think block was closed."""
+        if completion_ids is not None and self.close_id is not None:
+            out = [self.count_ids(ids) for ids in completion_ids]
+            return [n for n, _ in out], [c for _, c in out]
+        split = [self.reasoning_text(completion_text(c)) for c in completions]
+        return self.count_texts([r for r, _ in split]), [c for _, c in split]
+
+
+def _single_token_id(tokenizer, token: str) -> Optional[int]:
+    try:
+        ids = tokenizer.encode(token, add_special_tokens=False)
+    except Exception:
+        return None
+    if len(ids) == 1:
+        return int(ids[0])
+    tid = tokenizer.convert_tokens_to_ids(token) if hasattr(tokenizer, "convert_tokens_to_ids") else None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return int(tid) if tid is not None and tid != unk else None
+
+
+def reasoning_lengths(completions, completion_ids=None, tokenizer=None, cfg: RewardConfig | None = None):
+    """(lengths, closed) of the reasoning of each completion (see ``TokenCounter``)."""
+    return TokenCounter(tokenizer, cfg).lengths(completions, completion_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# the reward arithmetic
+
+
+def budget_score(n: int, budget: Optional[int], cfg: RewardConfig | None = None) -> float:
+    """R_bud for one completion with n reasoning tokens and budget ``budget``."""
+    cfg = cfg or RewardConfig()
+    if budget is None or budget <= 0:
+        return 1.0
+    dev = (n - budget) / budget
+    d = max(dev, 0.0) if cfg.one_sided else abs(dev)
+    if d <= cfg.tolerance + _EPS:
+        return 1.0
+    excess = d - cfg.tolerance
+    if cfg.shape == "linear":
+        return max(0.0, 1.0 - cfg.alpha * excess)
+    return math.exp(-cfg.alpha * excess)
+
+
+def _accuracy(completions, columns: dict, cfg: RewardConfig) -> list[float]:
+    n = len(completions)
+    gold = _column(columns, ("solution", "answer", "gold"), n)
+    if gold is None:
+        raise ValueError("accuracy reward needs a 'solution' (or 'answer') column with the gold answers")
+    out = []
+    for c, g in zip(completions, gold):
+        pred = extract_answer(completion_text(c))
+        out.append(1.0 if pred is not None and verify(pred, g, timeout_s=cfg.verify_timeout_s) else 0.0)
+    return out
+
+
+def budget_metrics(
+    completions: Sequence[Any],
+    budgets: Sequence[Optional[int]],
+    completion_ids: Optional[Sequence[Sequence[int]]] = None,
+    tokenizer: Any = None,
+    tolerance: float = 0.1,
+    lengths: Optional[Sequence[int]] = None,
+    closed: Optional[Sequence[bool]] = None,
+    cfg: RewardConfig | None = None,
+) -> dict[str, float]:
+    """Budget fidelity of a batch, over the rows with a budget.
+
+    - ``deviation_mean``: mean |n - b| / b;  ``deviation_signed_mean``: mean (n - b) / b
+    - ``within_tolerance``: share with |n - b| / b <= tolerance (two-sided: fidelity, whatever
+      the reward's sidedness)
+    - ``overshoot``: share with (n - b) / b > tolerance; ``undershoot``: (b - n) / b > tolerance
+    - ``reasoning_tokens_mean`` (all rows), ``think_closed`` (share of closed think blocks, all rows)
+
+    Rates are NaN when no row has a budget. ``lengths``/``closed`` skip recounting.
+    """
+    if lengths is None:
+        lengths, closed = TokenCounter(tokenizer, cfg).lengths(completions, completion_ids)
+    budgets = list(budgets)
+    if len(budgets) != len(lengths):
+        raise ValueError(f"{len(budgets)} budgets for {len(lengths)} completions")
+    devs = [(n - b) / b for n, b in zip(lengths, budgets) if b is not None and b > 0]
+    nan = float("nan")
+    k = len(devs)
+    out = {
+        "deviation_mean": sum(abs(d) for d in devs) / k if k else nan,
+        "deviation_signed_mean": sum(devs) / k if k else nan,
+        "within_tolerance": sum(abs(d) <= tolerance + _EPS for d in devs) / k if k else nan,
+        "overshoot": sum(d > tolerance + _EPS for d in devs) / k if k else nan,
+        "undershoot": sum(-d > tolerance + _EPS for d in devs) / k if k else nan,
+        "reasoning_tokens_mean": sum(lengths) / len(lengths) if len(lengths) else nan,
+        "think_closed": (sum(bool(c) for c in closed) / len(closed)) if closed is not None and len(closed) else nan,
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reward functions
+
+
+KINDS = ("accuracy", "budget", "bard", "additive")
+
+
+class RewardFunction:
+    """A configured reward (picklable; ``__name__`` is what TRL logs as ``rewards/<name>/mean``).
+
+    ``log_budget_metrics``: when TRL hands in ``log_metric`` (GRPOTrainer does), also log
+    ``budget/<metric>`` from ``budget_metrics`` for the batch. Turn it on for one reward only.
+    """
+
+    def __init__(self, kind: str, cfg: RewardConfig | None = None, tokenizer: Any = None,
+                 name: str | None = None, log_budget_metrics: bool = False):
+        if kind not in KINDS:
+            raise ValueError(f"unknown reward kind {kind!r}; choose from {KINDS}")
+        self.kind = kind
+        self.cfg = cfg or RewardConfig()
+        self.counter = TokenCounter(tokenizer, self.cfg)
+        self.__name__ = name or kind
+        self.log_budget_metrics = log_budget_metrics
+
+    def __repr__(self) -> str:
+        return f"RewardFunction({self.__name__!r}, kind={self.kind!r}, cfg={self.cfg!r})"
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **columns) -> list[float]:
+        completions = list(completions or [])
+        n = len(completions)
+        if n == 0:
+            return []
+        log_metric: Optional[Callable] = columns.pop("log_metric", None)
+        needs_len = self.kind != "accuracy" or (self.log_budget_metrics and log_metric is not None)
+        budgets = _budgets(prompts, columns, n) if needs_len else [None] * n
+        lengths: list[int] = []
+        closed: list[bool] = []
+        if needs_len:
+            lengths, closed = self.counter.lengths(completions, completion_ids)
+        if self.log_budget_metrics and log_metric is not None:
+            for k, v in budget_metrics(completions, budgets, tolerance=self.cfg.tolerance,
+                                       lengths=lengths, closed=closed).items():
+                if not math.isnan(v):
+                    log_metric(f"budget/{k}", float(v))
+        if self.kind == "accuracy":
+            return _accuracy(completions, columns, self.cfg)
+        r_bud = [budget_score(L, b, self.cfg) for L, b in zip(lengths, budgets)]
+        if self.kind == "budget":
+            return r_bud
+        r_acc = _accuracy(completions, columns, self.cfg)
+        if self.kind == "bard":
+            return [a * b for a, b in zip(r_acc, r_bud)]
+        return [a + b for a, b in zip(r_acc, r_bud)]
+
+
+def _make(kind: str):
+    def build(tokenizer: Any = None, name: str | None = None, log_budget_metrics: bool = False, **cfg) -> RewardFunction:
+        return RewardFunction(kind, RewardConfig(**cfg), tokenizer=tokenizer, name=name,
+                              log_budget_metrics=log_budget_metrics)
+
+    build.__name__ = f"make_{kind}_reward"
+    return build
+
+
+# Registry: YAML configs list rewards by these names (as open-r1 does). Aliases map to the same kind.
+REWARDS: dict[str, Callable[..., RewardFunction]] = {
+    "accuracy": _make("accuracy"),
+    "budget": _make("budget"),
+    "bard": _make("bard"),
+    "additive": _make("additive"),
+}
+ALIASES = {"r_acc": "accuracy", "r_bud": "budget", "multiplicative": "bard", "bard_multiplicative": "bard",
+           "bard_additive": "additive"}
+
+
+def get_reward(name: str, tokenizer: Any = None, **cfg) -> RewardFunction:
+    """A reward function by registry name, configured with ``RewardConfig`` fields (tolerance,
+    alpha, one_sided, shape, ...); the function's ``__name__`` is the name given."""
+    key = ALIASES.get(name, name)
+    if key not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; available: {sorted(REWARDS) + sorted(ALIASES)}")
+    return REWARDS[key](tokenizer=tokenizer, name=name, **cfg)
+
+
+# Plain functions with the default configuration (text counted with ``tokenizer`` when given as a
+# keyword, else from completion_ids with think ids from ``think_close_id``/``think_open_id``).
+
+
+def _call(kind: str, prompts, completions, completion_ids, tokenizer, cfg, columns) -> list[float]:
+    cfg = cfg if isinstance(cfg, RewardConfig) else RewardConfig(**(cfg or {}))
+    return RewardFunction(kind, cfg, tokenizer=tokenizer)(prompts, completions, completion_ids, **columns)
+
+
+def accuracy_reward(prompts=None, completions=None, completion_ids=None, *, tokenizer=None, config=None, **columns) -> list[float]:
+    """R_acc: 1 if the extracted final answer verifies against ``solution``, else 0."""
+    return _call("accuracy", prompts, completions, completion_ids, tokenizer, config, columns)
+
+
+def budget_reward(prompts=None, completions=None, completion_ids=None, *, tokenizer=None, config=None, **columns) -> list[float]:
+    """R_bud from the reasoning length and ``budget``."""
+    return _call("budget", prompts, completions, completion_ids, tokenizer, config, columns)
+
+
+def bard_reward(prompts=None, completions=None, completion_ids=None, *, tokenizer=None, config=None, **columns) -> list[float]:
+    """R_acc x R_bud (the default BARD reward)."""
+    return _call("bard", prompts, completions, completion_ids, tokenizer, config, columns)
+
+
+def additive_reward(prompts=None, completions=None, completion_ids=None, *, tokenizer=None, config=None, **columns) -> list[float]:
+    """R_acc + R_bud (the ablation: a short wrong answer still earns R_bud)."""
+    return _call("additive", prompts, completions, completion_ids, tokenizer, config, columns)
