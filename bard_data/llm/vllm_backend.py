@@ -34,6 +34,14 @@ from bard_data.llm.base import LLM, ChatRequest, Completion, SamplingConfig, req
 
 log = logging.getLogger(__name__)
 
+CPU_ENV_DEFAULTS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+}
+# vLLM's INFO logs drown the progress bars; `bard-data -v` or the environment brings them back.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
 ENGINE_SEED = 0
 """Engine-level seed (see the module docstring): fixed, so one engine serves every run seed."""
 
@@ -147,6 +155,11 @@ class VLLMEngine(LLM):
         self._llm = self._start()
 
     def _start(self):
+        if self.on_cpu:
+            # The fast CPU settings (MACHINE-FACTS): in-process engine, a small KV cache, no
+            # reserved core. Defaults only: the environment still wins.
+            for k, v in CPU_ENV_DEFAULTS.items():
+                os.environ.setdefault(k, v)
         try:
             from vllm import LLM as _VLLM
         except Exception as exc:
