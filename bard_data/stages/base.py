@@ -8,6 +8,7 @@ deals with shards, resume, atomic writes and progress.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
@@ -15,10 +16,12 @@ from typing import TYPE_CHECKING, Callable, Optional
 import polars as pl
 from tqdm.auto import tqdm
 
-from bard_data.store import atomic_write_json
+from bard_data.store import atomic_write_json, input_hash
 
 if TYPE_CHECKING:
     from bard_data.runner import RunContext
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,32 +79,46 @@ def run_sharded(
     process: Callable[[pl.DataFrame, int], ShardResult],
     shard_size: int,
     unit: str = "rows",
+    stage: Optional["Stage"] = None,
 ) -> None:
-    """Split ``inputs`` (already in a deterministic order) into shards; run the missing ones.
+    """Split ``inputs`` (already in a deterministic order) into shards; run the ones not finished.
 
-    Shard boundaries depend on ``shard_size``; if a resumed run has another size, the finished
-    parts of this table no longer line up and are set aside (their LLM calls are in the cache,
-    so recomputing them is cheap).
+    A shard is finished when its files are whole and its funnel record carries the hash of the
+    very input rows it was computed from (``store.shard_problem``), so a shard whose input
+    changed (an upstream stage was redone, or the shard size changed) is recomputed and a
+    damaged one is recomputed with a warning; its LLM calls are in the cache, so that is cheap.
+    Shards with rows dropped as ``llm_error`` are redone on every new invocation: the rows that
+    worked come back from the cache, only the failed requests are sent again. Shards beyond the
+    current count (a larger shard size before) are removed.
     """
     store = ctx.store
     n = max(1, math.ceil(inputs.height / shard_size))
     layout = {"shard_size": shard_size, "shards": n, "rows": inputs.height}
-    layout_path = store.table_dir(table) / "_layout.json"
-    if layout_path.exists():
-        import json
-
-        if json.loads(layout_path.read_text()) != layout:
-            for p in store.parts(table):
-                p.unlink()
-            for p in (store.table_dir(table) / "_funnel").glob("*.json"):
-                p.unlink()
-    atomic_write_json(layout_path, layout)
-    todo = [i for i in range(n) if not store.has_shard(table, i)]
+    for i in store.shard_indices(table):
+        if i >= n:
+            store.remove_shard(table, i)
+    atomic_write_json(store.table_dir(table) / "_layout.json", layout)
+    shards = [inputs.slice(i * shard_size, shard_size) for i in range(n)]
+    hashes = [input_hash(sh) for sh in shards]
+    todo = []
+    for i in range(n):
+        why = store.shard_problem(table, i, hashes[i], retry_errors=True)
+        if why is not None:
+            todo.append(i)
+            if why == "llm_error":
+                log.info("%s shard %d: retrying the rows whose LLM call failed", table, i)
     bar = tqdm(total=n, initial=n - len(todo), desc=f"{table}", unit="shard", disable=ctx.quiet)
-    for i in todo:
-        shard = inputs.slice(i * shard_size, shard_size)
-        res = process(shard, i)
-        store.write_shard(table, i, res.kept, res.excluded, res.funnel(table, i, shard.height))
+    executor = getattr(ctx, "executor", None)
+    if stage is not None and executor is not None and executor.kind != "local":
+        # Shards computed elsewhere (Ray actors) come back in completion order; the writing
+        # and bookkeeping stay here, on the driver.
+        results = executor.map_shards(ctx, stage, [(i, shards[i]) for i in todo])
+    else:
+        results = ((i, process(shards[i], i)) for i in todo)
+    for i, res in results:
+        shard = shards[i]
+        funnel = {**res.funnel(table, i, shard.height), "input_hash": hashes[i]}
+        store.write_shard(table, i, res.kept, res.excluded, funnel)
         ctx.on_shard_written(table, i)
         bar.update(1)
     bar.close()

@@ -64,89 +64,93 @@ class CompressStage(Stage):
     def enabled(self, ctx) -> bool:
         return ctx.recipe.compression is not None
 
-    def run(self, ctx) -> None:
+    def inputs(self, ctx) -> pl.DataFrame:
         cfg: CompressionConfig = ctx.recipe.compression
         gold = ctx.store.read("gold_chains")
         sched = schedule_budgets(gold.select("sample_id", "reasoning_tokens"), cfg.budgets, cfg.seed)
         # A left join keeps chains that got no budget (too short) as rows with a null budget, so
         # the shard loop records them in the funnel instead of losing them.
         todo = gold.join(sched, on="sample_id", how="left").sort("sample_id", "budget_rank", nulls_last=True)
+        return todo.with_row_index("_idx")
+
+    def _attempt(self, ctx, cfg: CompressionConfig, rows: list[dict], llm) -> list[dict]:
+        """One generation round for ``rows``, measured in student tokens."""
+        reqs = []
+        for r in rows:
+            user = render(cfg.prompt_template, question=r["question"], reasoning=r["reasoning"], answer=r["gold_answer"],
+                          budget=r["budget"], target=r["target"], original_tokens=r["reasoning_tokens"])
+            # The attempt number is the sample index: a retry whose target happens to equal an
+            # earlier one is still a new request, not a cache hit of the miss.
+            reqs.append(ChatRequest.of(chat_messages(cfg.system_prompt, user), r["attempts"]))
+        outs = llm.generate(reqs, cfg.sampling, cfg.seed)
+        texts = [_compressed_reasoning(o.text) if o.ok else "" for o in outs]
+        counts = ctx.count_tokens(texts)
+        res = []
+        for r, o, t, n in zip(rows, outs, texts, counts):
+            dev = (n - r["budget"]) / r["budget"]
+            res.append({**r, "text": t, "tokens": n, "dev": dev, "error": o.error, "finish_reason": o.finish_reason})
+        return res
+
+    def process_shard(self, ctx, shard: pl.DataFrame, i: int) -> ShardResult:
+        cfg: CompressionConfig = ctx.recipe.compression
         model = cfg.backend.model
+        too_short = excluded_rows(shard.filter(pl.col("budget").is_null()), "too_short_to_compress",
+                                  pl.format("{} reasoning tokens", "reasoning_tokens"))
+        shard = shard.filter(pl.col("budget").is_not_null())
+        if shard.height == 0:
+            return ShardResult(kept=pl.DataFrame(), excluded=too_short)
+        llm = ctx.llm(cfg)
+        pending = [{**r, "target": r["budget"], "attempts": 0} for r in shard.iter_rows(named=True)]
+        tried: dict[int, list[dict]] = {}
+        retried = 0
+        for round_ in range(cfg.max_retries + 1):
+            if not pending:
+                break
+            retried += len(pending) if round_ else 0
+            nxt = []
+            for r in self._attempt(ctx, cfg, pending, llm):
+                tried.setdefault(r["_idx"], []).append(r)
+                ok = r["error"] is None and _within(r["dev"], cfg.tolerance, cfg.one_sided)
+                if not ok:
+                    tgt = corrected_target(r["budget"], r["tokens"], r["target"]) if r["error"] is None else r["target"]
+                    nxt.append({**r, "target": tgt, "attempts": r["attempts"] + 1})
+            pending = nxt
+        rows = []
+        for idx in sorted(tried):
+            good = [r for r in tried[idx] if r["error"] is None]
+            pick = min(good, key=lambda r: abs(r["dev"])) if good else tried[idx][-1]
+            rows.append({**pick, "attempts": len(tried[idx])})
+        preds = [extract_answer(r["text"]) for r in rows]
+        out = pl.DataFrame({
+            "compression_id": [content_id("c", r["sample_id"], r["budget"], model, cfg.prompt_template) for r in rows],
+            "sample_id": [r["sample_id"] for r in rows],
+            "problem_id": [r["problem_id"] for r in rows],
+            "group_id": [r["group_id"] for r in rows],
+            "budget_rank": [r["budget_rank"] for r in rows],
+            "budget": [r["budget"] for r in rows],
+            "target_tokens": [r["target"] for r in rows],
+            "attempts": [r["attempts"] for r in rows],
+            "model": [model] * len(rows),
+            "compressed_reasoning": [r["text"] for r in rows],
+            "compressed_tokens": [r["tokens"] for r in rows],
+            "original_tokens": [r["reasoning_tokens"] for r in rows],
+            "deviation": [r["dev"] for r in rows],
+            "within_tolerance": [r["error"] is None and _within(r["dev"], cfg.tolerance, cfg.one_sided) for r in rows],
+            "predicted_answer": preds,
+            "gold_answer": [r["gold_answer"] for r in rows],
+            "answer_preserved": [verify(p, r["gold_answer"]) for p, r in zip(preds, rows)],
+            "finish_reason": [r["finish_reason"] for r in rows],
+            "error": [r["error"] for r in rows],
+        }, schema_overrides={"error": pl.Utf8, "predicted_answer": pl.Utf8})
+        out = out.with_columns((pl.col("compressed_tokens") / pl.col("original_tokens")).alias("ratio"))
+        failed = out.filter(pl.col("error").is_not_null())
+        return ShardResult(
+            kept=out.filter(pl.col("error").is_null()).drop("error"),
+            excluded=concat_excluded(too_short, excluded_rows(failed, "llm_error", pl.col("error"))),
+            counters={"retried_requests": retried,
+                      "needed_retry": int((out["attempts"] > 1).sum())},
+        )
 
-        def attempt(rows: list[dict], llm) -> list[dict]:
-            reqs = []
-            for r in rows:
-                user = render(cfg.prompt_template, question=r["question"], reasoning=r["reasoning"], answer=r["gold_answer"],
-                              budget=r["budget"], target=r["target"], original_tokens=r["reasoning_tokens"])
-                # The attempt number is the sample index: a retry whose target happens to equal an
-                # earlier one is still a new request, not a cache hit of the miss.
-                reqs.append(ChatRequest.of(chat_messages(cfg.system_prompt, user), r["attempts"]))
-            outs = llm.generate(reqs, cfg.sampling, cfg.seed)
-            texts = [_compressed_reasoning(o.text) if o.ok else "" for o in outs]
-            counts = ctx.count_tokens(texts)
-            res = []
-            for r, o, t, n in zip(rows, outs, texts, counts):
-                dev = (n - r["budget"]) / r["budget"]
-                res.append({**r, "text": t, "tokens": n, "dev": dev, "error": o.error, "finish_reason": o.finish_reason})
-            return res
-
-        def process(shard: pl.DataFrame, i: int) -> ShardResult:
-            too_short = excluded_rows(shard.filter(pl.col("budget").is_null()), "too_short_to_compress",
-                                      pl.format("{} reasoning tokens", "reasoning_tokens"))
-            shard = shard.filter(pl.col("budget").is_not_null())
-            if shard.height == 0:
-                return ShardResult(kept=pl.DataFrame(), excluded=too_short)
-            llm = ctx.llm(cfg)
-            pending = [{**r, "target": r["budget"], "attempts": 0} for r in shard.iter_rows(named=True)]
-            tried: dict[int, list[dict]] = {}
-            retried = 0
-            for round_ in range(cfg.max_retries + 1):
-                if not pending:
-                    break
-                retried += len(pending) if round_ else 0
-                nxt = []
-                for r in attempt(pending, llm):
-                    tried.setdefault(r["_idx"], []).append(r)
-                    ok = r["error"] is None and _within(r["dev"], cfg.tolerance, cfg.one_sided)
-                    if not ok:
-                        tgt = corrected_target(r["budget"], r["tokens"], r["target"]) if r["error"] is None else r["target"]
-                        nxt.append({**r, "target": tgt, "attempts": r["attempts"] + 1})
-                pending = nxt
-            rows = []
-            for idx in sorted(tried):
-                good = [r for r in tried[idx] if r["error"] is None]
-                pick = min(good, key=lambda r: abs(r["dev"])) if good else tried[idx][-1]
-                rows.append({**pick, "attempts": len(tried[idx])})
-            preds = [extract_answer(r["text"]) for r in rows]
-            out = pl.DataFrame({
-                "compression_id": [content_id("c", r["sample_id"], r["budget"], model, cfg.prompt_template) for r in rows],
-                "sample_id": [r["sample_id"] for r in rows],
-                "problem_id": [r["problem_id"] for r in rows],
-                "group_id": [r["group_id"] for r in rows],
-                "budget_rank": [r["budget_rank"] for r in rows],
-                "budget": [r["budget"] for r in rows],
-                "target_tokens": [r["target"] for r in rows],
-                "attempts": [r["attempts"] for r in rows],
-                "model": [model] * len(rows),
-                "compressed_reasoning": [r["text"] for r in rows],
-                "compressed_tokens": [r["tokens"] for r in rows],
-                "original_tokens": [r["reasoning_tokens"] for r in rows],
-                "deviation": [r["dev"] for r in rows],
-                "within_tolerance": [r["error"] is None and _within(r["dev"], cfg.tolerance, cfg.one_sided) for r in rows],
-                "predicted_answer": preds,
-                "gold_answer": [r["gold_answer"] for r in rows],
-                "answer_preserved": [verify(p, r["gold_answer"]) for p, r in zip(preds, rows)],
-                "finish_reason": [r["finish_reason"] for r in rows],
-                "error": [r["error"] for r in rows],
-            }, schema_overrides={"error": pl.Utf8, "predicted_answer": pl.Utf8})
-            out = out.with_columns((pl.col("compressed_tokens") / pl.col("original_tokens")).alias("ratio"))
-            failed = out.filter(pl.col("error").is_not_null())
-            return ShardResult(
-                kept=out.filter(pl.col("error").is_null()).drop("error"),
-                excluded=concat_excluded(too_short, excluded_rows(failed, "llm_error", pl.col("error"))),
-                counters={"retried_requests": retried,
-                          "needed_retry": int((out["attempts"] > 1).sum())},
-            )
-
-        todo = todo.with_row_index("_idx")
-        run_sharded(ctx, self.table, todo, process, ctx.recipe.shard_size)
+    def run(self, ctx) -> None:
+        run_sharded(ctx, self.table, self.inputs(ctx), lambda shard, i: self.process_shard(ctx, shard, i),
+                    ctx.recipe.shard_size, stage=self)

@@ -75,37 +75,39 @@ class TeacherStage(Stage):
         t = ctx.recipe.teacher
         return t is not None and t.enabled
 
-    def run(self, ctx) -> None:
+    def inputs(self, ctx) -> pl.DataFrame:
+        """One row per (problem, sample index): the unit this stage's funnel counts."""
         cfg = ctx.recipe.teacher
         problems = ctx.store.read("problems").sort("problem_id")
-        k = cfg.samples_per_problem
-        # One row per (problem, sample index): the unit the funnel counts for this stage.
-        todo = problems.select("problem_id", "source", "question", "answer").join(
-            pl.DataFrame({"sample_index": list(range(k))}, schema={"sample_index": pl.Int64}), how="cross"
+        return problems.select("problem_id", "source", "question", "answer").join(
+            pl.DataFrame({"sample_index": list(range(cfg.samples_per_problem))}, schema={"sample_index": pl.Int64}), how="cross"
         ).sort("problem_id", "sample_index")
 
-        def process(shard: pl.DataFrame, i: int) -> ShardResult:
-            llm = ctx.llm(cfg)
-            msgs = [chat_messages(cfg.system_prompt, render(cfg.prompt_template, question=q)) for q in shard["question"]]
-            reqs = [ChatRequest.of(m, s) for m, s in zip(msgs, shard["sample_index"].to_list())]
-            outs = llm.generate(reqs, cfg.sampling, cfg.seed)
-            keys = [request_key(cfg.backend.model, r, cfg.sampling, cfg.seed) for r in reqs]
-            df = shard.with_columns(
-                pl.Series("sample_id", ["s-" + key[:16] for key in keys]),
-                pl.lit("sampled").alias("origin"),
-                pl.lit(cfg.backend.model).alias("model"),
-                pl.Series("prompt", [json.dumps(m, ensure_ascii=False) for m in msgs]),
-                pl.Series("completion", [o.text for o in outs], dtype=pl.Utf8),
-                pl.Series("completion_tokens", [o.completion_tokens for o in outs], dtype=pl.Int64),
-                pl.Series("finish_reason", [o.finish_reason for o in outs], dtype=pl.Utf8),
-                pl.Series("error", [o.error for o in outs], dtype=pl.Utf8),
-                pl.col("answer").alias("gold_answer"),
-            )
-            failed = df.filter(pl.col("error").is_not_null())
-            ok = verify_samples(ctx, df.filter(pl.col("error").is_null()), cfg.untagged)
-            return ShardResult(
-                kept=ok.select(SAMPLE_COLUMNS),
-                excluded=excluded_rows(failed.drop("answer"), "llm_error", pl.col("error")),
-            )
+    def process_shard(self, ctx, shard: pl.DataFrame, i: int) -> ShardResult:
+        cfg = ctx.recipe.teacher
+        llm = ctx.llm(cfg)
+        msgs = [chat_messages(cfg.system_prompt, render(cfg.prompt_template, question=q)) for q in shard["question"]]
+        reqs = [ChatRequest.of(m, s) for m, s in zip(msgs, shard["sample_index"].to_list())]
+        outs = llm.generate(reqs, cfg.sampling, cfg.seed)
+        keys = [request_key(cfg.backend.model, r, cfg.sampling, cfg.seed) for r in reqs]
+        df = shard.with_columns(
+            pl.Series("sample_id", ["s-" + key[:16] for key in keys]),
+            pl.lit("sampled").alias("origin"),
+            pl.lit(cfg.backend.model).alias("model"),
+            pl.Series("prompt", [json.dumps(m, ensure_ascii=False) for m in msgs]),
+            pl.Series("completion", [o.text for o in outs], dtype=pl.Utf8),
+            pl.Series("completion_tokens", [o.completion_tokens for o in outs], dtype=pl.Int64),
+            pl.Series("finish_reason", [o.finish_reason for o in outs], dtype=pl.Utf8),
+            pl.Series("error", [o.error for o in outs], dtype=pl.Utf8),
+            pl.col("answer").alias("gold_answer"),
+        )
+        failed = df.filter(pl.col("error").is_not_null())
+        ok = verify_samples(ctx, df.filter(pl.col("error").is_null()), cfg.untagged)
+        return ShardResult(
+            kept=ok.select(SAMPLE_COLUMNS),
+            excluded=excluded_rows(failed.drop("answer"), "llm_error", pl.col("error")),
+        )
 
-        run_sharded(ctx, self.table, todo, process, ctx.recipe.shard_size, unit="samples")
+    def run(self, ctx) -> None:
+        run_sharded(ctx, self.table, self.inputs(ctx), lambda shard, i: self.process_shard(ctx, shard, i),
+                    ctx.recipe.shard_size, unit="samples", stage=self)
