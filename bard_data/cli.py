@@ -12,19 +12,33 @@ from pathlib import Path
 from bard_data.errors import BardError
 
 
+def _resume_hint(a, rd) -> str:
+    return f"bard-data run {a.recipe} --run-dir {rd}"
+
+
 def _cmd_run(a) -> int:
     from bard_data.recipe import load_recipe
-    from bard_data.runner import resolve_run_dir, run_recipe
+    from bard_data.runner import resolve_run_dir, run_recipe, run_status
 
-    recipe = load_recipe(a.recipe)
-    rd = resolve_run_dir(recipe, a.run_dir)
+    rd = None
     try:
+        recipe = load_recipe(a.recipe)
+        rd = resolve_run_dir(recipe, a.run_dir)
         run_recipe(recipe, rd, quiet=a.quiet, until=a.until)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished shards are saved in {rd}; resume with: "
-              f"bard-data run {a.recipe} --run-dir {rd}", file=sys.stderr)
+        if rd is None:
+            print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
+        else:
+            print(f"\ninterrupted: finished shards are saved in {rd}; resume with: {_resume_hint(a, rd)}",
+                  file=sys.stderr)
         return 130
     _print_status(rd)
+    errors = {t: s["llm_errors"] for t, s in run_status(rd).items() if s.get("llm_errors")}
+    if errors:
+        n = sum(errors.values())
+        where = ", ".join(f"{t} {k}" for t, k in errors.items())
+        print(f"{n} LLM request(s) still failed after retries ({where}; funnel reason llm_error, the error in "
+              f"`detail`); rerun to retry only those: {_resume_hint(a, rd)}", file=sys.stderr)
     return 0
 
 
@@ -37,7 +51,9 @@ def _print_status(run_dir: Path) -> None:
     print(f"run {run_dir} ({m.get('name')}, recipe {m.get('recipe_hash')}): {'complete' if m.get('complete') else 'incomplete'}")
     for table, s in run_status(run_dir).items():
         planned = s["shards_planned"] if s["shards_planned"] is not None else "?"
-        print(f"  {table:<18} {'done' if s['done'] else 'pending':<8} shards {s['shards_written']}/{planned}")
+        state = "done" if s["done"] else ("retry" if s.get("llm_errors") else "pending")
+        extra = f"  ({s['llm_errors']} llm_error rows to retry)" if s.get("llm_errors") else ""
+        print(f"  {table:<18} {state:<8} shards {s['shards_written']}/{planned}{extra}")
     f = funnel_frame(run_dir)
     if f is not None:
         import polars as pl
@@ -129,11 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--repo", required=True)
     pu.add_argument("--private", action="store_true")
     pu.add_argument("--revision", default=None)
+    pu.add_argument("--message", default=None, help="commit message")
+    pu.add_argument("--template", default=None, help="card template (jinja2) instead of the bundled one")
+    pu.add_argument("--allow-incomplete", action="store_true", help="publish a run whose stages did not all finish")
     pu.set_defaults(fn=_cmd_push)
 
     ex = sub.add_parser("export", help="write the publishable layout (parquet configs + card) locally")
     ex.add_argument("run_dir")
     ex.add_argument("out_dir")
+    ex.add_argument("--repo", default=None, help="Hub id shown in the card's usage examples")
+    ex.add_argument("--template", default=None, help="card template (jinja2) instead of the bundled one")
+    ex.add_argument("--allow-incomplete", action="store_true", help="export a run whose stages did not all finish")
     ex.set_defaults(fn=_cmd_export)
 
     tr = sub.add_parser("train", help="bundled TRL trainers")
@@ -149,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        # argparse will not hand `--flags` to a REMAINDER positional: the evaluation has its own parser.
+        from trainers.evaluate import main as eval_main
+
+        try:
+            return int(eval_main(argv[1:]) or 0)
+        except BardError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -157,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except BardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -67,8 +67,12 @@ def read_table(path: str, fmt: str = "auto", limit: Optional[int] = None,
             raise DataError(f"{path}: unknown format {kind!r}")
     except DataError:
         raise
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+    except FileNotFoundError as exc:
+        if not Path(path).exists():
+            raise DataError(f"{path}: file not found") from None
+        # The path is there; something the reader expected inside it is not (e.g. a folder
+        # without a saved dataset).
+        raise DataError(f"{path}: cannot read as {kind}: FileNotFoundError: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     except Exception as exc:
         raise DataError(f"{path}: cannot read as {kind}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     return df
@@ -91,8 +95,16 @@ def _read_datasets(path: str, kind: str, config: Optional[str], split: str, limi
 
 
 def require_columns(df: pl.DataFrame, columns: dict[str, Optional[str]], where: str) -> None:
-    """``columns`` maps recipe key -> source column; a missing source column is a one-line error."""
+    """``columns`` maps recipe key -> source column; a missing source column, or a binary one
+    (Parquet/Arrow bytes) that is not UTF-8 text, is a one-line error."""
     for key, col in columns.items():
         if col is not None and col not in df.columns:
             have = ", ".join(df.columns[:12])
             raise DataError(f"{where}: column '{col}' (columns.{key}) not in the source; it has: {have}")
+        if col is not None and df.schema[col] == pl.Binary:
+            for i, b in enumerate(df[col].to_list()):
+                try:
+                    if b is not None:
+                        b.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{where}: column '{col}' (columns.{key}) row {i}: not UTF-8 (byte {exc.start})") from None

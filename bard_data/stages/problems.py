@@ -9,7 +9,7 @@ import polars as pl
 
 from bard_data.answers import normalize_gold
 from bard_data.errors import DataError
-from bard_data.ids import hash_expr, normalize_question
+from bard_data.ids import hash_expr, normalize_question_expr
 from bard_data.io import read_table, require_columns
 from bard_data.stages.base import ShardResult, Stage, concat_excluded, excluded_rows
 
@@ -55,8 +55,14 @@ def _as_text(df: pl.DataFrame, col: str) -> pl.Expr:
 
 
 def normalize_answers(df: pl.DataFrame) -> pl.DataFrame:
-    norm = [normalize_gold(raw, fmt) if raw is not None else None
-            for raw, fmt in zip(df["raw_answer"].to_list(), df["answer_format"].to_list())]
+    # normalize_gold parses with math-verify (~1.5 ms a call); sources repeat answers a lot, so
+    # each distinct (raw answer, format) is normalized once.
+    memo: dict[tuple, str | None] = {}
+    norm = []
+    for key in zip(df["raw_answer"].to_list(), df["answer_format"].to_list()):
+        if key not in memo:
+            memo[key] = normalize_gold(key[0], key[1]) if key[0] is not None else None
+        norm.append(memo[key])
     return df.with_columns(pl.Series("answer", norm, dtype=pl.Utf8))
 
 
@@ -66,8 +72,9 @@ def build_problems(recipe) -> ShardResult:
     rows_in = df.height
     df = df.with_columns(
         pl.col("question").fill_null("").str.replace_all("\x00", "").alias("question"),
+        pl.col("raw_answer").str.replace_all("\x00", "").alias("raw_answer"),
     ).with_columns(
-        pl.col("question").map_elements(normalize_question, return_dtype=pl.Utf8).alias("_norm_q")
+        normalize_question_expr("question").alias("_norm_q")
     )
     bad_q = df.filter((pl.col("_norm_q") == "") | (pl.col("question").str.len_chars() > MAX_QUESTION_CHARS))
     df = df.filter((pl.col("_norm_q") != "") & (pl.col("question").str.len_chars() <= MAX_QUESTION_CHARS))
