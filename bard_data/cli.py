@@ -24,7 +24,15 @@ def _cmd_run(a) -> int:
     try:
         recipe = load_recipe(a.recipe)
         rd = resolve_run_dir(recipe, a.run_dir)
-        run_recipe(recipe, rd, quiet=a.quiet, until=a.until)
+        executor = None
+        if a.executor or a.ray_address:
+            update = {"kind": a.executor or "ray"}
+            if a.ray_address:
+                update["address"] = a.ray_address
+            if a.workers:
+                update["num_workers"] = a.workers
+            executor = recipe.executor.model_copy(update=update)
+        run_recipe(recipe, rd, quiet=a.quiet, until=a.until, executor=executor)
     except KeyboardInterrupt:
         if rd is None:
             print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
@@ -120,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--run-dir", default=None, help="overrides the recipe's run_dir")
     r.add_argument("--until", default=None, help="stop after this table (e.g. teacher_samples)")
+    r.add_argument("--executor", choices=["local", "ray"], default=None, help="overrides the recipe's executor.kind")
+    r.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto', 'HOST:PORT'); implies --executor ray")
+    r.add_argument("--workers", type=int, default=None, help="Ray actors per LLM stage")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
 

@@ -60,12 +60,15 @@ class LocalExecutor:
 class _ShardWorker:
     """A Ray actor: its own RunContext (backend, tokenizer, cache handle) over the run directory."""
 
-    def __init__(self, recipe_data: dict, source_file: str, base_dir: str, run_dir: str):
+    def __init__(self, recipe_data: dict, source_file: str, base_dir: str, run_dir: str, invocation: str):
         from bard_data.recipe import parse_recipe
         from bard_data.runner import RunContext
 
         recipe = parse_recipe(recipe_data, source_file, base_dir)
-        self.ctx = RunContext(recipe, Path(run_dir), quiet=True)
+        # The driver's invocation id and a slot of its own: the worker's counters go to the same
+        # ledger, so a killed driver's request accounting still covers the workers.
+        self.ctx = RunContext(recipe, Path(run_dir), quiet=True, invocation=invocation,
+                              slot_prefix=f"ray-{os.getpid()}-")
 
     def process(self, table: str, shard: pl.DataFrame, i: int):
         from bard_data.runner import all_stages
@@ -118,7 +121,7 @@ class RayExecutor:
             )
             r = ctx.recipe
             self._actors = [
-                remote.remote(r.model_dump(mode="json"), r.source_file, r.base_dir, str(ctx.run_dir))
+                remote.remote(r.model_dump(mode="json"), r.source_file, r.base_dir, str(ctx.run_dir), ctx.invocation)
                 for _ in range(self.cfg.num_workers)
             ]
             self._actor_key = key

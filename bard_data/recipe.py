@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator
 from bard_data.errors import RecipeError
 from bard_data.balance import BalanceConfig
 from bard_data.decontam import DecontamConfig
+from bard_data.executors import ExecutorConfig
 from bard_data.llm.config import LLMStageConfig, Strict
 from bard_data.stages.compress import CompressionConfig
 from bard_data.stages.format import FormatConfig
@@ -92,6 +93,7 @@ class Recipe(Strict):
     judge: Optional[JudgeConfig] = None
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
     format: FormatConfig = Field(default_factory=FormatConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="where LLM shards run (not in the hash)")
 
     # Resolved at load time, not part of the YAML.
     base_dir: str = Field("", exclude=True)
@@ -119,7 +121,11 @@ class Recipe(Strict):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        blob = json.dumps(self.resolved_dict(), sort_keys=True)
+        """Hash of what the build produces; where it runs (the executor) is left out, so a run
+        started locally can resume on a Ray cluster and the other way round."""
+        data = self.resolved_dict()
+        data.pop("executor", None)
+        blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

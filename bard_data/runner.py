@@ -39,6 +39,7 @@ import polars as pl
 
 from bard_data.cache import CompletionCache
 from bard_data.errors import BackendError, BardError, DataError, RecipeError
+from bard_data.executors import ExecutorConfig, make_executor
 from bard_data.funnel import build_funnel
 from bard_data.llm import CachedLLM, make_backend
 from bard_data.recipe import Recipe
@@ -73,6 +74,11 @@ class RunContext:
     shard_hooks: list = field(default_factory=list, init=False)
     # The invocation's id: LLM counters are recorded in the cache's ledger under it.
     invocation: str = ""
+    # Ledger slots of this context's LLMs; Ray workers get their own prefix (see executors).
+    slot_prefix: str = ""
+    # Where LLM shards run (None: here). Counters of remote workers arrive as deltas.
+    executor: Any = None
+    _remote: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         self.store = ArtifactStore(self.run_dir)
@@ -90,7 +96,7 @@ class RunContext:
             backend = make_backend(stage_cfg.backend, resolve=lambda p: self.recipe.resolve(p))
             llm = CachedLLM(backend, self.cache)
             if self.invocation:
-                llm.cache = _LedgerCache(self.cache, self.invocation, str(len(self._llms)), llm)
+                llm.cache = _LedgerCache(self.cache, self.invocation, f"{self.slot_prefix}{len(self._llms)}", llm)
             self._llms[key] = llm
         return self._llms[key]
 
@@ -121,15 +127,29 @@ class RunContext:
             hook(table, shard)
 
     def llm_stats(self) -> dict[str, Any]:
-        """Counters per model (summed when two stages use one model through different configs)."""
+        """Counters per model (summed when two stages use one model through different configs,
+        and over the Ray workers that ran shards for this context)."""
         out: dict[str, Any] = {}
-        for llm in self._llms.values():
-            d = out.setdefault(llm.model, {"backend": llm.backend.kind})
-            for k, v in llm.stats.as_dict().items():
-                d[k] = d.get(k, 0) + v
+        sources = [(llm.model, llm.backend.kind, llm.stats.as_dict()) for llm in self._llms.values()]
+        sources += [(model, s.get("backend", "?"), s) for model, s in self._remote.items()]
+        for model, kind, stats in sources:
+            d = out.setdefault(model, {"backend": kind})
+            for k, v in stats.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    d[k] = d.get(k, 0) + v
         return out
 
+    def add_remote_stats(self, stats: dict[str, dict[str, Any]]) -> None:
+        for model, s in stats.items():
+            d = self._remote.setdefault(model, {"backend": s.get("backend", "?")})
+            for k, v in s.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    d[k] = d.get(k, 0) + v
+
     def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
         for llm in self._llms.values():
             llm.close()
         self._llms.clear()
@@ -241,8 +261,13 @@ def resolve_run_dir(recipe: Recipe, run_dir: str | Path | None) -> Path:
 
 
 def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, quiet: bool = False,
-               until: Optional[str] = None, hooks: Optional[list] = None) -> RunContext:
-    """Run (or resume) every enabled stage; return the context (closed) for inspection."""
+               until: Optional[str] = None, hooks: Optional[list] = None,
+               executor: Optional[ExecutorConfig] = None) -> RunContext:
+    """Run (or resume) every enabled stage; return the context (closed) for inspection.
+
+    ``executor`` overrides the recipe's executor section (where LLM shards run)."""
+    if executor is not None:
+        recipe = recipe.model_copy(update={"executor": executor})
     rd = resolve_run_dir(recipe, run_dir)
     previous = _check_run_dir(recipe, rd)
     fresh = not rd.exists()
@@ -272,6 +297,8 @@ def _run_locked(recipe: Recipe, rd: Path, previous: dict, fresh: bool, quiet: bo
             pending = [s for s in pending if until not in names or names.index(s.table) <= names.index(until)]
         if pending:
             preflight(ctx, [s.table for s in pending])
+            if recipe.executor.kind != "local":
+                ctx.executor = make_executor(recipe.executor)
     except BaseException:
         ctx.close()
         if fresh and all(p.name == ".lock" for p in rd.iterdir()):
