@@ -93,6 +93,11 @@ class RunContext:
         """The cached backend a stage config names; stages naming the same backend share it."""
         key = stage_cfg.backend.model_dump_json()
         if key not in self._llms:
+            if stage_cfg.backend.kind == "vllm":
+                # One vLLM engine at a time holds the accelerator: stages run one after another,
+                # so an engine another stage configured differently is released first.
+                for k in [k for k, l in self._llms.items() if l.backend.kind == "vllm"]:
+                    self._llms.pop(k).close()
             backend = make_backend(stage_cfg.backend, resolve=lambda p: self.recipe.resolve(p))
             llm = CachedLLM(backend, self.cache)
             if self.invocation:

