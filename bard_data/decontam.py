@@ -79,17 +79,36 @@ class DecontamConfig(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
+# Runs of non-word characters and underscores become one space. The pattern matches exactly the
+# runs of ``[\W_]+`` that are not already a single space, so the result equals
+# ``replace_all(r"[\W_]+", " ")``, but the single spaces between words (most of the matches of
+# the plain pattern) are left alone, which makes it about 2.5x faster.
+_NON_WORD_RUNS = r"[\W_]*[^\w ][\W_]*|[\W_]*_[\W_]*| {2,}"
+
+
+def _after_nfkc(e: pl.Expr) -> pl.Expr:
+    return (
+        e.str.to_lowercase()
+        .str.replace_all(_NON_WORD_RUNS, " ")  # $, LaTeX backslashes/braces, punctuation, underscores
+        .str.strip_chars()
+    )
+
+
 def normalize_expr(col: str | pl.Expr) -> pl.Expr:
     """Polars version of :func:`normalize_text` (the one both use, so they always agree)."""
     e = pl.col(col) if isinstance(col, str) else col
-    return (
-        e.cast(pl.Utf8)
-        .fill_null("")
-        .str.normalize("NFKC")
-        .str.to_lowercase()
-        .str.replace_all(r"[\W_]+", " ")  # $, LaTeX backslashes/braces, punctuation, underscores
-        .str.strip_chars()
-    )
+    return _after_nfkc(e.cast(pl.Utf8).fill_null("").str.normalize("NFKC"))
+
+
+def _normalize_series(s: pl.Series) -> pl.Series:
+    """``normalize_expr`` over a Series, skipping NFKC on pure-ASCII texts (where it is the
+    identity, and where most of its cost goes)."""
+    s = s.cast(pl.Utf8).fill_null("")
+    ascii_ = s.str.len_bytes() == s.str.len_chars()
+    if not ascii_.all():
+        rest = (~ascii_).arg_true()
+        s = s.scatter(rest, s.gather(rest).str.normalize("NFKC"))
+    return pl.select(_after_nfkc(pl.lit(s))).to_series().alias(s.name)
 
 
 def normalize_text(s: str | None) -> str:
@@ -150,6 +169,47 @@ def _reference_keys(references: dict[str, list[str]], n: int) -> tuple[pl.DataFr
     return table, names, rows
 
 
+# Above this many reference n-grams the substring prefilter is skipped (its automaton would be big).
+_MAX_PREFILTER_PATTERNS = 2_000_000
+
+
+def _reference_texts(references: dict[str, list[str]], n: int) -> tuple[list[str], list[str]]:
+    """The reference n-grams as normalised text (``w1 w2 ... wn``) and the whole normalised text of
+    references shorter than ``n`` words: what :func:`ngram_table` hashes, before hashing."""
+    qs = [q for name in references for q in references[name] if q is not None]
+    if not qs:
+        return [], []
+    norm = pl.select(normalize_expr(pl.lit(pl.Series(qs, dtype=pl.Utf8)))).to_series().to_list()
+    grams: set[str] = set()
+    short: set[str] = set()
+    for t in norm:
+        if not t:
+            continue
+        w = t.split(" ")
+        if len(w) < n:
+            short.add(t)
+        else:
+            grams.update(" ".join(w[i : i + n]) for i in range(len(w) - n + 1))
+    return sorted(grams), sorted(short)
+
+
+def _candidates(docs: pl.DataFrame, references: dict[str, list[str]], n: int) -> pl.DataFrame:
+    """The documents that can share an n-gram with a reference (a superset of those that do).
+
+    Normalised words are separated by single spaces, so a document holding a reference n-gram
+    holds its text as a substring, and a document shorter than ``n`` words matches only a short
+    reference of the same text. One Aho-Corasick pass over the texts finds those documents; the
+    exact n-gram hashing then runs on them alone (most problems are clean).
+    """
+    grams, short = _reference_texts(references, n)
+    if len(grams) > _MAX_PREFILTER_PATTERNS:
+        return docs
+    hit = pl.col("norm").is_in(pl.Series(short, dtype=pl.Utf8).implode()) if short else pl.lit(False)
+    if grams:
+        hit = hit | pl.col("norm").str.contains_any(grams)
+    return docs.filter(hit)
+
+
 def decontaminate(
     problems: pl.DataFrame, references: dict[str, list[str]], n: int
 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
@@ -173,11 +233,10 @@ def decontaminate(
     base = problems.with_row_index(idx)
     hits_parts = []
     if ref_keys.height:
-        for start in range(0, base.height, _CHUNK_ROWS):
-            chunk = base.slice(start, _CHUNK_ROWS).select(
-                pl.col(idx).alias("_doc"), normalize_expr("question").alias("norm")
-            )
-            grams = ngram_table(chunk, n)
+        docs = pl.DataFrame({"_doc": base[idx], "norm": _normalize_series(base["question"])})
+        docs = _candidates(docs, references, n)
+        for start in range(0, docs.height, _CHUNK_ROWS):
+            grams = ngram_table(docs.slice(start, _CHUNK_ROWS), n)
             hits_parts.append(grams.join(ref_keys, on="key", how="inner").select("_doc", "pos", "_ref"))
     hits = (
         pl.concat(hits_parts)

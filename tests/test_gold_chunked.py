@@ -1,0 +1,57 @@
+"""Gold selection a range of problems at a time (large runs) gives the rows one pass gives."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import polars as pl
+
+from bard_data.stages import gold
+from bard_data.store import ArtifactStore
+
+
+def _samples(n_problems: int, per: int, origin: str, offset: int) -> pl.DataFrame:
+    rows = []
+    for p in range(n_problems):
+        for k in range(per):
+            i = p * per + k
+            rows.append({
+                "sample_id": f"{origin}-{i:05d}", "problem_id": f"p-{p:04d}", "source": "synthetic",
+                "origin": origin, "model": "m", "sample_index": k, "gold_answer": str(p),
+                "reasoning": "step " * (5 + (i * 7 + offset) % 23), "response": f"#### {p}",
+                "predicted_answer": str(p) if (i + offset) % 3 else "wrong",
+                "is_correct": bool((i + offset) % 3), "reasoning_tokens": 5 + (i * 7 + offset) % 23,
+            })
+    return pl.DataFrame(rows)
+
+
+def _run(tmp_path, name, chunk_bytes, monkeypatch, policy):
+    store = ArtifactStore(tmp_path / name)
+    problems = pl.DataFrame({"problem_id": [f"p-{p:04d}" for p in range(60)], "question": [f"q{p}" for p in range(60)]})
+    store.write_table("problems", problems)
+    teacher = _samples(60, 3, "sampled", 0)
+    # Shards that each hold a range of problems, and one that spans all of them.
+    for s, part in enumerate([teacher.slice(0, 70), teacher.slice(70, 70), teacher.slice(140)]):
+        store.write_shard("teacher_samples", s, part)
+    store.write_shard("imported_samples", 0, _samples(60, 1, "imported", 1))
+    monkeypatch.setattr(gold, "CHUNK_BYTES", chunk_bytes)
+    teacher_cfg = SimpleNamespace(gold_policy=policy, min_reasoning_tokens=8, max_reasoning_tokens=25)
+    gold.GoldStage().run(SimpleNamespace(recipe=SimpleNamespace(teacher=teacher_cfg), store=store))
+    return store
+
+
+def test_chunked_selection_equals_one_pass(tmp_path, monkeypatch):
+    for policy in ("shortest", "first", "all"):
+        one = _run(tmp_path, f"one-{policy}", 1 << 30, monkeypatch, policy)
+        many = _run(tmp_path, f"many-{policy}", 2_000, monkeypatch, policy)
+        assert len(one.parts("gold_chains")) == 1
+        assert len(many.parts("gold_chains")) > 3  # really chunked
+        a, b = one.read("gold_chains"), many.read("gold_chains")
+        assert a.height > 0
+        assert a.equals(b)  # same rows in the same order
+        ea, eb = one.read_excluded("gold_chains"), many.read_excluded("gold_chains")
+        key = ["sample_id", "origin"]
+        assert ea.sort(key).equals(eb.sort(key).select(ea.columns))
+        fa = one.shard_funnels("gold_chains")
+        fb = many.shard_funnels("gold_chains")
+        assert sum(f["rows_in"] for f in fa) == sum(f["rows_in"] for f in fb) == 240
