@@ -75,20 +75,18 @@ def _files_sql(files: Iterable[Path]) -> str:
     return "[" + ", ".join(_lit(str(f)) for f in files) + "]"
 
 
-def _non_empty_parquet(files: Iterable[Path]) -> list[Path]:
-    """Parquet parts that have columns (a stage may write a zero-column part for an empty shard)."""
-    out = []
+def _part_rows(files: Iterable[Path]) -> dict[Path, int]:
+    """Rows of each Parquet part that has columns (a stage may write a zero-column part for an
+    empty shard), from one footer read per file: at paper scale a run has thousands of parts."""
+    out = {}
     for f in files:
         try:
-            if len(pq.read_schema(f)) > 0:
-                out.append(f)
+            md = pq.read_metadata(f)
         except Exception as exc:  # noqa: BLE001 - a torn or foreign file is a one-line error
             raise BardError(f"{f}: unreadable Parquet part ({type(exc).__name__})") from None
+        if md.num_columns > 0:
+            out[f] = md.num_rows
     return out
-
-
-def _parquet_rows(files: Iterable[Path]) -> int:
-    return sum(pq.read_metadata(f).num_rows for f in files)
 
 
 class _Builder:
@@ -100,12 +98,13 @@ class _Builder:
         self.sources: dict[str, str] = {}
 
     def parquet_view(self, name: str, files: list[Path], extra_select: str = "") -> bool:
-        files = _non_empty_parquet(files)
+        rows = _part_rows(files)
+        files = list(rows)
         if not files:
             return False
         sel = f"SELECT {extra_select}* FROM read_parquet({_files_sql(files)}, union_by_name = true)"
         self.con.execute(f"CREATE OR REPLACE VIEW {_q(name)} AS {sel}")
-        self.rows[name] = _parquet_rows(files)
+        self.rows[name] = sum(rows.values())
         self.sources[name] = str(files[0].parent)
         return True
 
@@ -212,10 +211,10 @@ def _excluded_view(b: _Builder, root: Path) -> None:
     total = 0
     if base.is_dir():
         for d in sorted(p for p in base.iterdir() if p.is_dir()):
-            files = _non_empty_parquet(sorted(d.glob("part-*.parquet")))
-            if files:
-                per_stage.append((d.name, files))
-                total += _parquet_rows(files)
+            rows = _part_rows(sorted(d.glob("part-*.parquet")))
+            if rows:
+                per_stage.append((d.name, list(rows)))
+                total += sum(rows.values())
     empty = "SELECT NULL::VARCHAR AS stage, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail WHERE false"
     if not per_stage:
         b.con.execute(f"CREATE OR REPLACE VIEW excluded AS {empty}")

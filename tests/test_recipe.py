@@ -203,9 +203,13 @@ def test_bad_rows_become_funnel_reasons_not_crashes(tmp_path, good):
     assert "\x00" not in "".join(probs["question"].to_list())
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "demo_sampled.yaml"])
 def test_shipped_recipes_validate(name):
     from pathlib import Path
 
     r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / name)
-    assert r.compression is not None and r.judge is not None and r.decontamination is not None
+    assert r.compression is not None and r.judge is not None
+    if name == "demo_sampled.yaml":  # live sampling only: no imported traces
+        assert not r.traces and r.teacher.samples_per_problem == 4
+    else:
+        assert r.decontamination is not None

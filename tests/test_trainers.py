@@ -100,6 +100,12 @@ def test_configs_parse():
     assert t.reward_weights == [1.0, 0.0, 0.0] and t.use_cpu and not t.bf16 and not t.use_vllm
     s, t, m = grpo.parse_args([str(CONFIGS / "grpo_demo.yaml")])
     assert t.use_vllm and s.difficulty_min == 0.1 and s.difficulty_max == 0.9
+    # The README's CPU flow on the demo's exported dataset.
+    s, t, m = sft.parse_args([str(CONFIGS / "sft_cpu_demo.yaml")])
+    assert s.dataset_name == "out/demo-published" and t.assistant_only_loss and t.use_cpu
+    assert t.chat_template_path == "trainers/templates/chatml_generation.jinja"
+    s, t, m = grpo.parse_args([str(CONFIGS / "grpo_cpu_demo.yaml")])
+    assert m.model_name_or_path == "out/sft-demo" and not t.use_vllm and s.reward_funcs[0] == "bard"
 
 
 # ------------------------------------------------------------------------------------------ SFT
