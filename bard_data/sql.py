@@ -313,6 +313,10 @@ def _connect_dataset(b: _Builder, root: Path) -> None:
     direct = sorted((root / "data").glob("*.parquet")) if (root / "data").is_dir() else []
     if direct:
         b.parquet_view("data", direct)
+    # Loose Parquet files (e.g. an eval folder's eval.parquet, samples.parquet): a view per file.
+    for f in sorted(root.glob("*.parquet")):
+        if _view_name(f.stem) not in b.rows:
+            b.parquet_view(_view_name(f.stem), [f])
     for name, d in _config_dirs(root):
         view = _view_name(name)
         if view in b.rows:
@@ -339,13 +343,16 @@ def connect(path: str | Path) -> duckdb.DuckDBPyConnection:
     root = Path(path).expanduser()
     if not root.exists():
         raise NotADatasetError(f"{root}: no such run or dataset directory")
-    if not root.is_dir():
-        raise NotADatasetError(f"{root}: not a directory")
+    if not root.is_dir() and root.suffix != ".parquet":
+        raise NotADatasetError(f"{root}: not a directory or a .parquet file")
     root = root.resolve()
     con = duckdb.connect(":memory:")
     b = _Builder(con)
     try:
-        if is_run_dir(root):
+        if root.is_file():  # one Parquet file: one view named after it
+            if not b.parquet_view(_view_name(root.stem), [root]):
+                raise NotADatasetError(f"{root}: a Parquet file without columns")
+        elif is_run_dir(root):
             _connect_run(b, root)
         else:
             _connect_dataset(b, root)

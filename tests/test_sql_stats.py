@@ -155,6 +155,21 @@ def _close(a, b, tol=1e-9):
     return abs(float(a) - float(b)) <= tol
 
 
+def test_sql_over_loose_parquet_files(tmp_path):
+    """An eval folder (eval.parquet, samples.parquet) and a single file are queryable."""
+    d = tmp_path / "eval-out"
+    d.mkdir()
+    pl.DataFrame({"method": ["budget", "budget", "no_budget"], "budget": [64, 128, 64],
+                  "accuracy": [0.25, 0.5, 0.0]}).write_parquet(d / "eval.parquet")
+    pl.DataFrame({"problem_id": ["a", "b"]}).write_parquet(d / "samples.parquet")
+    assert {"eval", "samples"} <= set(views(connect(d)))
+    got = query(d, "SELECT budget, accuracy FROM eval WHERE method = 'budget' ORDER BY budget")
+    assert got.to_dicts() == [{"budget": 64, "accuracy": 0.25}, {"budget": 128, "accuracy": 0.5}]
+    assert query(d / "samples.parquet", "SELECT count(*) AS n FROM samples").item() == 2
+    with pytest.raises(NotADatasetError):
+        connect(d / "eval.json")
+
+
 def test_report_parts(rep):
     assert list(rep) == [p for p in PARTS if p in rep]
     assert set(rep) == set(PARTS)  # the synthetic run has every table
