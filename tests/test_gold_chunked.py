@@ -1,4 +1,5 @@
-"""Gold selection a range of problems at a time (large runs) gives the rows one pass gives."""
+"""Gold selection on key columns, text attached a part at a time and written in several shards
+(large runs), gives the rows one ``select_gold`` over all samples gives."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def _run(tmp_path, name, chunk_bytes, monkeypatch, policy):
     for s, part in enumerate([teacher.slice(0, 70), teacher.slice(70, 70), teacher.slice(140)]):
         store.write_shard("teacher_samples", s, part)
     store.write_shard("imported_samples", 0, _samples(60, 1, "imported", 1))
+    store.write_shard("imported_samples", 1, _samples(1, 1, "imported", 1).clear())  # a part with no rows
     monkeypatch.setattr(gold, "CHUNK_BYTES", chunk_bytes)
     teacher_cfg = SimpleNamespace(gold_policy=policy, min_reasoning_tokens=8, max_reasoning_tokens=25)
     gold.GoldStage().run(SimpleNamespace(recipe=SimpleNamespace(teacher=teacher_cfg), store=store))
@@ -46,9 +48,13 @@ def test_chunked_selection_equals_one_pass(tmp_path, monkeypatch):
         many = _run(tmp_path, f"many-{policy}", 2_000, monkeypatch, policy)
         assert len(one.parts("gold_chains")) == 1
         assert len(many.parts("gold_chains")) > 3  # really chunked
+        # The reference: one select_gold over every sample, every column.
+        ref = gold.select_gold(gold.all_samples(one), one.read("problems"), policy, 8, 25)
         a, b = one.read("gold_chains"), many.read("gold_chains")
         assert a.height > 0
+        assert ref.kept.equals(a)  # same rows, columns and order
         assert a.equals(b)  # same rows in the same order
+        assert ref.excluded.equals(one.read_excluded("gold_chains"))  # one shard: the very same frame
         ea, eb = one.read_excluded("gold_chains"), many.read_excluded("gold_chains")
         key = ["sample_id", "origin"]
         assert ea.sort(key).equals(eb.sort(key).select(ea.columns))

@@ -54,6 +54,38 @@ def excluded_rows(df: pl.DataFrame, reason: str | pl.Expr, detail: str | pl.Expr
     return df.with_columns(r.cast(pl.Utf8).alias("reason"), d.cast(pl.Utf8).alias("detail"))
 
 
+class BackgroundWriter:
+    """Runs writes on one background thread, one at a time, so that the next slice is read and
+    prepared while the previous one is compressed (Polars releases the GIL while it encodes
+    Parquet). ``submit`` waits for the write before it; leaving the ``with`` block waits for the
+    last one, and a write's exception is raised there (or at the next ``submit``)."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bard-writer")
+        self._pending = None
+
+    def submit(self, fn: Callable, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        f, self._pending = self._pending, None
+        if f is not None:
+            f.result()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def concat_excluded(*frames: Optional[pl.DataFrame]) -> Optional[pl.DataFrame]:
     frames = [f for f in frames if f is not None and f.height]
     return pl.concat(frames, how="diagonal_relaxed") if frames else None

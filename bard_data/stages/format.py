@@ -13,7 +13,7 @@ from pydantic import Field
 from bard_data.llm.config import Strict
 from bard_data.prompts import render
 from bard_data.reasoning import format_think
-from bard_data.stages.base import ShardResult, Stage, concat_excluded, excluded_rows
+from bard_data.stages.base import BackgroundWriter, ShardResult, Stage, concat_excluded, excluded_rows
 
 DEFAULT_BUDGET_TEMPLATE = "Thinking budget: {{ budget }} tokens."
 DEFAULT_QUESTION_TEMPLATE = "{{ question }}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -194,22 +194,73 @@ def filter_compressions(comps: pl.DataFrame, judgments: Optional[pl.DataFrame], 
     return comps, concat_excluded(*excluded)
 
 
+SFT_COLUMNS = ["messages", "budget", "budget_bin", "kind", "problem_id", "source", "sample_id", "compression_id",
+               "group_id", "copy_index"]
+# Text per part of the sft table (bytes of question, reasoning and response): messages are built
+# and written a slice of the rows at a time, so memory stays bounded at any scale.
+SFT_SHARD_BYTES = 64 << 20
+
+
+def _split_text(df: pl.DataFrame, text: list[str], idx: str) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
+    """``df`` without its text columns plus a row index ``idx`` (what filters, joins and sorts
+    carry), and the text columns (gathered by ``idx`` for the rows that need them)."""
+    text = [c for c in text if c in df.columns]
+    return df.drop(text).with_row_index(idx), {c: df[c] for c in text}
+
+
+def _put_text(df: Optional[pl.DataFrame], texts: dict[str, pl.Series], idx: str, order: list[str]) -> Optional[pl.DataFrame]:
+    """Put the text columns back (by ``idx``) where they were in ``order``; columns ``df`` has
+    beyond ``order`` follow. Rows without ``idx`` (null) get null text."""
+    if df is None or idx not in df.columns:
+        return df
+    df = df.with_columns(*(texts[c].gather(df[idx]).alias(c) for c in texts)).drop(idx)
+    first = [c for c in order if c in df.columns]
+    return df.select(first + [c for c in df.columns if c not in first])
+
+
+def _slice_bounds(plan: pl.DataFrame, gtext: dict, ctext: dict, max_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of ``plan`` holding about ``max_bytes`` of text each (the question
+    and response of the gold chain, and the compressed or the gold reasoning)."""
+    def text_len(texts: dict, col: str, idx: str) -> np.ndarray:
+        if col not in texts:
+            return np.zeros(plan.height, dtype=np.int64)
+        n = texts[col].str.len_bytes().fill_null(0).cast(pl.Int64)
+        return n.gather(plan[idx]).fill_null(0).to_numpy()
+
+    budget = (plan["kind"] == "budget").to_numpy()
+    size = (text_len(gtext, "question", "_gi") + text_len(gtext, "response", "_gi")
+            + np.where(budget, text_len(ctext, "compressed_reasoning", "_ci"), text_len(gtext, "reasoning", "_gi")))
+    cut = np.cumsum(size) // max(max_bytes, 1)
+    starts = [0] + (np.flatnonzero(np.diff(cut)) + 1).tolist()
+    return list(zip(starts, starts[1:] + [plan.height]))
+
+
 class SFTStage(Stage):
     table = "sft"
     requires = ("gold_chains",)
 
     def run(self, ctx) -> None:
+        """Filters, balancing and the standard mix run on the rows without their text (a row
+        index stands for it); the text is gathered back for the excluded rows, and for the kept
+        rows a slice at a time while their messages are built, each slice written as a part."""
         from bard_data.balance import balance, compute_edges, mix_standard
 
         r = ctx.recipe
         fmt: FormatConfig = r.format
-        gold = ctx.store.read("gold_chains")
-        have_comps = r.compression is not None and ctx.store.exists("compressions")
-        comps = ctx.store.read("compressions") if have_comps else pl.DataFrame()
+        store = ctx.store
+        gold_full = store.read("gold_chains")
+        gold_order = gold_full.columns
+        gold, gtext = _split_text(gold_full, ["question", "reasoning", "response"], "_gi")
+        del gold_full
+        have_comps = r.compression is not None and store.exists("compressions")
+        comps_full = store.read("compressions") if have_comps else pl.DataFrame()
+        comp_order = comps_full.columns
+        comps, ctext = _split_text(comps_full, ["compressed_reasoning"], "_ci") if comps_full.height else (comps_full, {})
+        del comps_full
         rows_in = comps.height + gold.height
-        judgments = ctx.store.read("judgments") if r.judge is not None and ctx.store.exists("judgments") else None
+        judgments = store.read("judgments") if r.judge is not None and store.exists("judgments") else None
         excluded = []
-        budget_rows = pl.DataFrame()
+        budget_plan = pl.DataFrame()
         report: dict = {}
         if comps.height:
             # Bin edges come from every scheduled budget, before filtering: the target covers
@@ -217,39 +268,90 @@ class SFTStage(Stage):
             # show up as thin instead of vanishing from the histogram.
             bal_cfg = r.balance.model_copy(update={"edges": compute_edges(comps["budget"], r.balance)})
             comps, ex = filter_compressions(comps, judgments, fmt.require_within_tolerance)
-            excluded.append(ex)
+            judgments = None
+            excluded.append(_put_text(ex, ctext, "_ci", comp_order))
             kept, dropped, report = balance(comps, bal_cfg, r.seed)
-            excluded.append(dropped)
-            kept = kept.join(gold.select("sample_id", "question", "response", "source"), on="sample_id", how="left")
-            budget_rows = kept.with_columns(
-                _messages_column(fmt, kept["question"], kept["budget"],
-                                 kept["compressed_reasoning"], kept["response"]).alias("messages"),
-                pl.lit("budget").alias("kind"),
-            )
-        n_budget = budget_rows.height
+            excluded.append(_put_text(dropped, ctext, "_ci", comp_order))
+            # The gold chain's question and response (by row index) and source.
+            budget_plan = kept.join(gold.select("sample_id", "_gi", "source"), on="sample_id", how="left",
+                                    maintain_order="left")
+            if "copy_index" not in budget_plan.columns:
+                budget_plan = budget_plan.with_columns(pl.lit(0).alias("copy_index"))
+            budget_plan = budget_plan.select(
+                "budget", "budget_bin", pl.lit("budget").alias("kind"), "problem_id", "source", "sample_id",
+                "compression_id", "group_id", "copy_index", "_ci", "_gi")
+        n_budget = budget_plan.height
         std, std_dropped = mix_standard(n_budget, gold, r.balance.standard_ratio, r.seed) if n_budget else (gold, None)
-        excluded.append(std_dropped)
-        std_rows = std.with_columns(
-            _messages_column(fmt, std["question"], pl.Series([None] * std.height, dtype=pl.Int64),
-                             std["reasoning"], std["response"]).alias("messages"),
-            pl.lit("standard").alias("kind"),
-            pl.lit(None, pl.Int64).alias("budget"),
-            pl.lit(None, pl.Utf8).alias("budget_bin"),
-            pl.lit(None, pl.Utf8).alias("compression_id"),
-            pl.lit(None, pl.Utf8).alias("group_id"),
-        )
-        if "copy_index" not in budget_rows.columns and budget_rows.height:
-            budget_rows = budget_rows.with_columns(pl.lit(0).alias("copy_index"))
-        std_rows = std_rows.with_columns(pl.lit(0).alias("copy_index"))
+        excluded.append(_put_text(std_dropped, gtext, "_gi", gold_order))
+        std_plan = std.select(
+            pl.lit(None, pl.Int64).alias("budget"), pl.lit(None, pl.Utf8).alias("budget_bin"),
+            pl.lit("standard").alias("kind"), "problem_id", "source", "sample_id",
+            pl.lit(None, pl.Utf8).alias("compression_id"), pl.lit(None, pl.Utf8).alias("group_id"),
+            pl.lit(0).alias("copy_index"), pl.lit(None, pl.UInt32).alias("_ci"), "_gi")
         # Upsampled copies share a compression_id; copy_index tells them apart.
-        cols = ["messages", "budget", "budget_bin", "kind", "problem_id", "source", "sample_id", "compression_id", "group_id", "copy_index"]
-        frames = [f.select(cols) for f in (budget_rows, std_rows) if f.height]
-        sft = pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame(schema={c: pl.Utf8 for c in cols})
-        sft = sft.with_columns(pl.col("budget").cast(pl.Int64))
-        added = int(budget_rows["copy_index"].gt(0).sum()) if "copy_index" in budget_rows.columns else 0
-        res = ShardResult(kept=sft, excluded=concat_excluded(*excluded), rows_in=rows_in, added=added)
-        ctx.store.write_table(self.table, res.kept, res.excluded, res.funnel(self.table, 0, rows_in),
-                              info={"balance": report})
+        frames = [f for f in (budget_plan, std_plan) if f.height]
+        added = int(budget_plan["copy_index"].gt(0).sum()) if n_budget else 0
+        excluded = concat_excluded(*excluded)
+        del comps, gold, std, std_dropped
+        if not frames:
+            sft = pl.DataFrame(schema={c: pl.Utf8 for c in SFT_COLUMNS}).with_columns(pl.col("budget").cast(pl.Int64))
+            self._write(store, [sft], 1, excluded, rows_in, added, report)
+            return
+        plan = pl.concat(frames, how="vertical_relaxed")
+        del frames, budget_plan, std_plan
+        bounds = _slice_bounds(plan, gtext, ctext, SFT_SHARD_BYTES)
+        slices = (self._slice(fmt, plan.slice(a, b - a), gtext, ctext) for a, b in bounds)
+        self._write(store, slices, len(bounds), excluded, rows_in, added, report)
+
+    @staticmethod
+    def _slice(fmt, plan: pl.DataFrame, gtext: dict, ctext: dict) -> pl.DataFrame:
+        """The sft rows of one slice of the plan, messages built from the gathered text."""
+        out = []
+        for kind, part in ((k, plan.filter(pl.col("kind") == k)) for k in ("budget", "standard")):
+            if not part.height:
+                continue
+            gi = part["_gi"]
+            q, resp = gtext["question"].gather(gi), gtext["response"].gather(gi)
+            if kind == "budget":
+                reasoning = ctext["compressed_reasoning"].gather(part["_ci"])
+                msgs = _messages_column(fmt, q, part["budget"], reasoning, resp)
+            else:
+                msgs = _messages_column(fmt, q, pl.Series([None] * part.height, dtype=pl.Int64),
+                                        gtext["reasoning"].gather(gi), resp)
+            out.append(part.with_columns(msgs.alias("messages")).select(SFT_COLUMNS))
+        if len(out) == 2:  # a slice where the budget rows end: keep the plan's order
+            sft = pl.concat(out, how="vertical_relaxed")
+        else:
+            sft = out[0]
+        return sft.with_columns(pl.col("budget").cast(pl.Int64))
+
+    def _write(self, store, slices, n: int, excluded: Optional[pl.DataFrame], rows_in: int, added: int,
+               report: dict) -> None:
+        """The ``n`` slices as parts 0..n-1 (part 0 with the excluded rows), then the done marker."""
+        from bard_data.store import atomic_write_json
+
+        table = self.table
+        for i in store.shard_indices(table):
+            if i >= n:
+                store.remove_shard(table, i)
+        total = 0
+        with BackgroundWriter() as writer:  # the next slice is built while this one is written
+            for i, sft in enumerate(slices):
+                total += sft.height
+                # Shard 0 carries the stage's input count, additions and excluded rows; the
+                # rest only their output rows (the funnel adds shards up).
+                if i == 0:
+                    funnel = ShardResult(kept=sft, excluded=excluded, rows_in=rows_in, added=added).funnel(table, 0, rows_in)
+                    writer.submit(store.write_shard, table, 0, sft, excluded, funnel)
+                else:
+                    writer.submit(store.write_shard, table, i, sft, None,
+                                  ShardResult(kept=sft, rows_in=0).funnel(table, i, 0))
+        if n > 1:
+            atomic_write_json(store.table_dir(table) / "_layout.json", {"shards": n, "rows": total, "unit": "rows",
+                                                                         "shard_bytes": SFT_SHARD_BYTES})
+        else:
+            (store.table_dir(table) / "_layout.json").unlink(missing_ok=True)
+        store.mark_done(table, {"balance": report})
 
 
 def sample_rl_budgets(problem_ids: list[str], edges: list[int], weights: list[float], seed: int) -> list[int]:

@@ -6,24 +6,30 @@ rate of a problem (correct / samples) is the RL stage's difficulty signal.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import polars as pl
 
-from bard_data.stages.base import ShardResult, Stage, concat_excluded, excluded_rows
+from bard_data.stages.base import BackgroundWriter, ShardResult, Stage, concat_excluded, excluded_rows
 
 GOLD_COLUMNS = [
     "sample_id", "problem_id", "source", "origin", "model", "question", "gold_answer",
     "reasoning", "response", "predicted_answer", "reasoning_tokens", "n_samples", "n_correct", "pass_rate",
 ]
 SAMPLE_TABLES = ("teacher_samples", "imported_samples")
+# Text columns left out of the excluded rows: every excluded sample stays whole in its own table
+# (teacher_samples or imported_samples, joined by sample_id), and copying its text would rewrite
+# the whole sample table (~2 GiB at 1.3M compressions with text at 1/32 of real length).
+EXCLUDED_TEXT = ("prompt", "completion", "reasoning", "response")
 
 
-# Samples larger than this (uncompressed, as Parquet reports it) are selected a range of problems
-# at a time, so the stage's memory stays bounded at any scale (all_samples of a 1.3M-compression
-# build at real text lengths is ~100 GB).
+# Samples are selected on their key columns, then streamed a part at a time; the output gets one
+# shard per this many bytes of samples (uncompressed, as Parquet reports it), so the excluded rows
+# held in memory stay bounded at any scale (all_samples of a 1.3M-compression build at real text
+# lengths is ~100 GB).
 CHUNK_BYTES = 256 << 20
 
 
@@ -43,6 +49,13 @@ def _read_parts(paths: list[Path], columns: Optional[list[str]] = None) -> pl.Da
     frames = [pl.read_parquet(p, columns=columns) for p in paths]
     frames = [f for f in frames if f.width] or frames[:1]
     return pl.concat(frames, how="diagonal_relaxed")
+
+
+def _compact(df: pl.DataFrame) -> pl.DataFrame:
+    """A copy that owns only its own rows' bytes. A filtered string column still points into the
+    whole column it came from, so keeping a fifth of each part's rows would keep all of every
+    part's text alive (~3 GiB at 1.3M compressions); the Arrow round trip copies the strings."""
+    return pl.from_arrow(df.to_arrow())
 
 
 def _read_columns(paths: list[Path], columns: list[str]) -> pl.DataFrame:
@@ -67,12 +80,24 @@ def pass_rates(samples: pl.DataFrame) -> pl.DataFrame:
 
 def select_gold(samples: pl.DataFrame, problems: pl.DataFrame, policy: str,
                 min_tokens: int = 1, max_tokens: int | None = None) -> ShardResult:
+    """Gold chains (sorted by problem_id) and the excluded samples, in one pass over ``samples``
+    (every column). ``GoldStage`` makes the same choice on the key columns only
+    (``_decide``) and attaches the other columns a part at a time."""
+    chosen, excluded = _decide(samples.join(problems.select("problem_id", "question"), on="problem_id", how="left"),
+                               policy, min_tokens, max_tokens)
+    if excluded is not None:
+        excluded = excluded.drop([c for c in EXCLUDED_TEXT if c in excluded.columns])
+    return ShardResult(kept=chosen.select(GOLD_COLUMNS), excluded=excluded, rows_in=samples.height)
+
+
+def _decide(samples: pl.DataFrame, policy: str, min_tokens: int = 1,
+            max_tokens: int | None = None) -> tuple[pl.DataFrame, Optional[pl.DataFrame]]:
+    """The selection itself: ``(chosen, excluded)``, chosen sorted by problem_id (then the
+    policy's order), excluded in the order wrong, too short, too long, not selected (each sorted
+    the same way), both with every column of ``samples`` plus n_samples, n_correct, pass_rate
+    (and reason, detail for the excluded)."""
     rates = pass_rates(samples)
-    df = (
-        samples.join(problems.select("problem_id", "question"), on="problem_id", how="left")
-        .join(rates, on="problem_id", how="left")
-        .sort("problem_id", "origin", "sample_index", "sample_id")
-    )
+    df = samples.join(rates, on="problem_id", how="left").sort("problem_id", "origin", "sample_index", "sample_id")
     wrong = df.filter(~pl.col("is_correct"))
     ok = df.filter(pl.col("is_correct"))
     too_short = ok.filter(pl.col("reasoning_tokens") < max(min_tokens, 1))
@@ -93,7 +118,12 @@ def select_gold(samples: pl.DataFrame, problems: pl.DataFrame, policy: str,
         excluded_rows(too_long, "too_long", pl.format("{} reasoning tokens", "reasoning_tokens")),
         excluded_rows(rest, "not_selected", f"gold policy {policy}"),
     )
-    return ShardResult(kept=chosen.select(GOLD_COLUMNS), excluded=excluded, rows_in=samples.height)
+    return chosen, excluded
+
+
+# What the selection looks at (the rest, text above all, is attached afterwards a part at a time).
+KEY_COLUMNS = ["sample_id", "problem_id", "origin", "sample_index", "is_correct", "reasoning_tokens",
+               "predicted_answer", "gold_answer"]
 
 
 @dataclass
@@ -102,11 +132,10 @@ class _Part:
     path: Path
     rows: int
     bytes: int
-    lo: Optional[str]  # problem_id range from the Parquet statistics (None: unknown)
-    hi: Optional[str]
 
 
 def _parts_info(store) -> list[_Part]:
+    """The non-empty parts of the sample tables, in the order ``all_samples`` reads them."""
     import pyarrow.parquet as pq
 
     out = []
@@ -115,48 +144,9 @@ def _parts_info(store) -> list[_Part]:
             md = pq.read_metadata(p)
             if md.num_columns == 0:
                 continue
-            names = md.schema.names
-            lo = hi = None
-            if "problem_id" in names and md.num_row_groups:
-                j = names.index("problem_id")
-                stats = [md.row_group(g).column(j).statistics for g in range(md.num_row_groups)]
-                if all(st is not None and st.has_min_max for st in stats):
-                    lo, hi = min(st.min for st in stats), max(st.max for st in stats)
-                    if isinstance(lo, bytes):
-                        lo, hi = lo.decode("utf-8", "replace"), hi.decode("utf-8", "replace")
             nbytes = sum(md.row_group(g).total_byte_size for g in range(md.num_row_groups))
-            out.append(_Part(t, p, md.num_rows, nbytes, lo, hi))
+            out.append(_Part(t, p, md.num_rows, nbytes))
     return out
-
-
-def _chunks(parts: list[_Part], chunk_bytes: int) -> list[tuple[Optional[str], Optional[str]]]:
-    """Contiguous problem_id ranges ``[lo, hi]`` holding about ``chunk_bytes`` of samples each
-    (all samples of a problem in one range)."""
-    keys = pl.concat([_read_columns([p.path], ["problem_id"]) for p in parts], how="vertical_relaxed")
-    counts = keys.group_by("problem_id").len().sort("problem_id", nulls_last=False)
-    rows = sum(p.rows for p in parts)
-    per_row = max(1.0, sum(p.bytes for p in parts) / max(rows, 1))
-    rows_per_chunk = max(1, int(chunk_bytes / per_row))
-    counts = counts.with_columns(((pl.col("len").cum_sum() - pl.col("len")) // rows_per_chunk).alias("_chunk"))
-    ranges = counts.group_by("_chunk", maintain_order=True).agg(
-        pl.col("problem_id").first().alias("lo"), pl.col("problem_id").last().alias("hi"))
-    return list(zip(ranges["lo"].to_list(), ranges["hi"].to_list()))
-
-
-def _in_range(lo: Optional[str], hi: Optional[str], first: bool) -> pl.Expr:
-    pid = pl.col("problem_id")
-    inside = pid.is_not_null()
-    if lo is not None:
-        inside = inside & (pid >= lo)
-    if hi is not None:
-        inside = inside & (pid <= hi)
-    return inside | pid.is_null() if first else inside
-
-
-def _overlaps(p: _Part, lo: Optional[str], hi: Optional[str]) -> bool:
-    if p.lo is None or p.hi is None:
-        return True
-    return not ((hi is not None and p.lo > hi) or (lo is not None and p.hi < lo))
 
 
 class GoldStage(Stage):
@@ -167,53 +157,134 @@ class GoldStage(Stage):
         t = ctx.recipe.teacher
         policy = t.gold_policy if t else "shortest"
         args = (policy, t.min_reasoning_tokens if t else 1, t.max_reasoning_tokens if t else None)
-        store = ctx.store
-        parts = _parts_info(store)
-        if sum(p.bytes for p in parts) <= CHUNK_BYTES:
-            res = select_gold(all_samples(store), store.read("problems"), *args)
-            _remove_shards_from(store, self.table, 1)
-            (store.table_dir(self.table) / "_layout.json").unlink(missing_ok=True)
-            store.write_table(self.table, res.kept, res.excluded, res.funnel(self.table, 0, res.rows_in))
-            return
-        self._run_chunked(store, parts, args)
+        self._run(ctx.store, _parts_info(ctx.store), args)
 
-    def _run_chunked(self, store, parts: list[_Part], args) -> None:
-        """The same selection a range of problems at a time, one part per range. Gold chains come
-        out in the same order as from one ``select_gold`` over everything (it sorts by problem_id
-        first); the excluded rows are grouped by range."""
-        from bard_data.store import atomic_write_json
+    def _run(self, store, parts: list[_Part], args) -> None:
+        """``select_gold`` over all samples, with bounded memory and one read of each part.
 
+        The choice is made on the key columns of every sample (``_decide``). Then each part is
+        read once, whole, and its rows split into gold chains and excluded rows. The output has
+        ``ceil(sample bytes / CHUNK_BYTES)`` shards: gold chains in their global order (the
+        order of one ``select_gold``) cut into equal slices; excluded rows by consecutive groups
+        of parts, each group in ``select_gold``'s excluded order. With one shard the table and
+        the excluded rows are exactly one ``select_gold``'s.
+        """
+        from bard_data.store import EXCLUDED_ZSTD_LEVEL, atomic_write_json, atomic_write_parquet
+
+        if not parts:
+            raise FileNotFoundError("no teacher samples: enable the teacher or list traces in the recipe")
+        table = self.table
+        # Global schema of the samples (columns and types of the diagonal concat of all parts).
+        template = pl.concat([pl.DataFrame(schema=pl.read_parquet_schema(p.path)) for p in parts],
+                             how="diagonal_relaxed")
+        keys = pl.concat(
+            [_read_columns([p.path], KEY_COLUMNS).with_columns(pl.lit(i, pl.UInt32).alias("_part"))
+             .with_row_index("_row") for i, p in enumerate(parts)],
+            how="diagonal_relaxed",
+        )
+        missing = [c for c in KEY_COLUMNS if c not in keys.columns]
+        if missing:
+            keys = keys.with_columns(*(pl.lit(None, template.schema.get(c, pl.Utf8)).alias(c) for c in missing))
+        keys = keys.with_columns(*(pl.col(c).cast(template.schema[c]) for c in KEY_COLUMNS if c in template.columns))
         problems = _read_columns(store.parts("problems"), ["problem_id", "question"])
-        ranges = _chunks(parts, CHUNK_BYTES)
-        rows_total = 0
-        for i, (lo, hi) in enumerate(ranges):
-            inside = _in_range(lo, hi, first=i == 0)
-            frames = []
-            for table in SAMPLE_TABLES:
-                paths = [p.path for p in parts if p.table == table and _overlaps(p, lo, hi)]
-                if paths:
-                    frames.append(_read_parts(paths).filter(inside))
-            samples = pl.concat(frames, how="diagonal_relaxed")
-            rows_total += samples.height
-            res = select_gold(samples, problems.filter(inside), *args)
-            store.write_shard(self.table, i, res.kept, res.excluded, res.funnel(self.table, i, res.rows_in))
-        _remove_shards_from(store, self.table, len(ranges))
-        layout = {"shards": len(ranges), "rows": rows_total, "unit": "problem_id ranges", "chunk_bytes": CHUNK_BYTES}
-        atomic_write_json(store.table_dir(self.table) / "_layout.json", layout)
-        store.mark_done(self.table)
+        problems = problems.unique("problem_id", keep="first", maintain_order=True) \
+            if problems["problem_id"].is_duplicated().any() else problems
+        qidx = problems.select("problem_id").with_row_index("_q")
+        chosen, excluded = _decide(keys, *args)
+        # Per sample row: where it goes (_rank among the gold chains, or _xrank among the excluded).
+        extra = ["n_samples", "n_correct", "pass_rate"]
+        dec = pl.concat([
+            chosen.select("_part", "_row", *extra, pl.int_range(pl.len(), dtype=pl.Int64).alias("_rank"),
+                          pl.lit(None, pl.Utf8).alias("reason"), pl.lit(None, pl.Utf8).alias("detail"),
+                          pl.lit(None, pl.Int64).alias("_xrank"), "problem_id"),
+            (excluded if excluded is not None else chosen.clear().with_columns(
+                pl.lit(None, pl.Utf8).alias("reason"), pl.lit(None, pl.Utf8).alias("detail")))
+            .select("_part", "_row", *extra, pl.lit(None, pl.Int64).alias("_rank"), "reason", "detail",
+                    pl.int_range(pl.len(), dtype=pl.Int64).alias("_xrank"), "problem_id"),
+        ], how="vertical_relaxed")
+        dec = dec.join(qidx, on="problem_id", how="left").drop("problem_id").sort("_part", "_row")
+        n_kept, rows_total = chosen.height, keys.height
+        del chosen, excluded, keys
+        by_part = dec.partition_by("_part", as_dict=True, include_key=False)
+        del dec
+        questions = problems["question"]
 
+        total_bytes = sum(p.bytes for p in parts)
+        n = max(1, math.ceil(total_bytes / CHUNK_BYTES))
+        n = min(n, max(1, len(parts)))
+        per_kept = max(1, math.ceil(n_kept / n))
+        cum = 0
+        group_of = []  # shard of each part's excluded rows: consecutive parts, ~equal bytes
+        for p in parts:
+            group_of.append(min(n - 1, int(cum * n // max(total_bytes, 1))))
+            cum += p.bytes
+        for i in store.shard_indices(table):
+            store.remove_shard(table, i)
+        store.unmark_done(table)
+        (store.table_dir(table) / "_layout.json").unlink(missing_ok=True)
 
-def _remove_shards_from(store, table: str, n: int) -> None:
-    """Parts, funnel records and excluded rows of shards >= n (left by an earlier, larger run)."""
-    import re
+        cur_g = 0
+        kept_buf: list[pl.DataFrame] = []
+        ex_buf: list[pl.DataFrame] = []
+        counts = [{"rows_in": 0, "dropped": {}} for _ in range(n)]
+        ex_cols = [c for c in template.columns if c not in EXCLUDED_TEXT] + ["question", *extra, "reason", "detail"]
 
-    found = set()
-    for d in (store.table_dir(table), store.table_dir(table) / "_funnel", store.root / "excluded" / table):
-        for p in d.glob("part-*"):
-            m = re.fullmatch(r"part-(\d+)\.(parquet|json)", p.name)
-            if m and int(m.group(1)) >= n:
-                found.add(int(m.group(1)))
-    for i in sorted(found):
-        store.part_path(table, i).unlink(missing_ok=True)
-        store.funnel_path(table, i).unlink(missing_ok=True)
-        store.excluded_path(table, i).unlink(missing_ok=True)
+        with BackgroundWriter() as writer:
+            def flush_excluded(g: int) -> None:
+                if ex_buf:
+                    ex = pl.concat(ex_buf, how="vertical_relaxed", rechunk=False)
+                    ex_buf.clear()
+                    # One shard: exactly select_gold's order. Several: the parts' order (the
+                    # order of excluded rows across shards is not one select_gold's anyway).
+                    ex = (ex.sort("_xrank") if n == 1 else ex).drop("_xrank")
+                    for reason, k in ex.group_by("reason", maintain_order=True).len().iter_rows():
+                        counts[g]["dropped"][str(reason)] = counts[g]["dropped"].get(str(reason), 0) + int(k)
+                    writer.submit(atomic_write_parquet, store.excluded_path(table, g), ex, EXCLUDED_ZSTD_LEVEL)
+
+            for i, p in enumerate(parts):
+                d = by_part.get((i,))
+                # Only what the gold chains and the excluded rows keep (not prompt/completion).
+                names = set(pl.read_parquet_schema(p.path))
+                df = pl.read_parquet(p.path, columns=[c for c in template.columns if c in names and (
+                    c in GOLD_COLUMNS or c not in EXCLUDED_TEXT)])
+                if df.height == 0:
+                    continue
+                if d is None or d.height != df.height:  # every row has exactly one decision
+                    raise RuntimeError(f"gold selection: decisions do not cover {p.path}")
+                df = pl.concat([template, df], how="diagonal_relaxed")
+                df = df.with_columns(questions.gather(d["_q"]).alias("question"), *(d[c] for c in extra),
+                                     d["reason"], d["detail"], d["_rank"], d["_xrank"])
+                g = group_of[i]
+                if g != cur_g:
+                    flush_excluded(cur_g)
+                    cur_g = g
+                counts[g]["rows_in"] += df.height
+                is_kept = pl.col("_rank").is_not_null()
+                kept = df.filter(is_kept).select(*GOLD_COLUMNS, "_rank")
+                if kept.height:
+                    kept_buf.append(_compact(kept))
+                ex = df.filter(~is_kept)
+                if ex.height:
+                    ex_buf.append(ex.select(*ex_cols, "_xrank"))
+            flush_excluded(cur_g)
+            del by_part
+
+            empty = template.with_columns(pl.lit(None, pl.Utf8).alias("question"), pl.lit(None, pl.UInt32).alias("n_samples"),
+                                          pl.lit(None, pl.Int64).alias("n_correct"), pl.lit(None, pl.Float64).alias("pass_rate"),
+                                          pl.lit(None, pl.Int64).alias("_rank")).select(*GOLD_COLUMNS, "_rank")
+            kept_all = pl.concat([empty, *kept_buf], how="vertical_relaxed", rechunk=False)
+            kept_buf.clear()
+            order = kept_all["_rank"].arg_sort()  # each shard gathered on its own: one copy at a time
+            kept_all = kept_all.drop("_rank")
+            for g in range(n):
+                kept = kept_all[order.slice(g * per_kept, per_kept)]
+                funnel = {"stage": table, "shard": g, "rows_in": counts[g]["rows_in"], "rows_out": kept.height,
+                          "added": 0, "dropped": counts[g]["dropped"], "counters": {}}
+                atomic_write_json(store.funnel_path(table, g), funnel)
+                if g % 2:  # two shards compressed at a time: this one here, the one before in the writer
+                    atomic_write_parquet(store.part_path(table, g), kept)
+                else:
+                    writer.submit(atomic_write_parquet, store.part_path(table, g), kept)
+        layout = {"shards": n, "rows": rows_total, "unit": "parts of the samples", "chunk_bytes": CHUNK_BYTES}
+        atomic_write_json(store.table_dir(table) / "_layout.json", layout)
+        store.mark_done(table)
