@@ -106,3 +106,16 @@ def end_trainer(trainer) -> None:
             end()
         except Exception as exc:  # pragma: no cover - best effort
             log.debug("trainer.end(): %s", exc)
+
+
+def train_main(parse_args, build_trainer, argv=None) -> int:
+    """The body of ``bard-data train sft|grpo``: config to trainer, train, save, finish."""
+    import sys
+
+    script_args, training_args, model_args = parse_args(argv if argv is not None else sys.argv[1:])
+    trainer = build_trainer(script_args, training_args, model_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    print(f"saved to {training_args.output_dir}")
+    end_trainer(trainer)
+    return 0

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
-from trainers import config_argv, cpu_defaults, end_trainer, load_published
+from trainers import config_argv, cpu_defaults, load_published, train_main
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +170,7 @@ def build_trainer(script_args: GRPOScriptArguments, training_args: GRPOConfig, m
 
 
 def main(argv=None) -> int:
-    script_args, training_args, model_args = parse_args(argv if argv is not None else sys.argv[1:])
-    trainer = build_trainer(script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    print(f"saved to {training_args.output_dir}")
-    end_trainer(trainer)
-    return 0
+    return train_main(parse_args, build_trainer, argv)
 
 
 if __name__ == "__main__":
