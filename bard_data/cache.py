@@ -97,6 +97,10 @@ class CompletionCache:
             return
         size = self.path.stat().st_size
         if size == 0:
+            # SQLite opens a 0-byte file as a new, empty database: say so, since it is either a
+            # run killed before its first write or a cache that lost everything.
+            log.warning("completion cache %s is an empty file (truncated, or its run was killed before "
+                        "the first write); starting empty", self.path)
             return
         with open(self.path, "rb") as f:
             head = f.read(100)

@@ -217,6 +217,23 @@ def test_damaged_cache_file_is_set_aside(tmp_path, caplog, damage):
     c.close()
 
 
+def test_empty_cache_file_is_reported(tmp_path, caplog):
+    path = tmp_path / "completions.sqlite"
+    c = CompletionCache(path)
+    c.put_many("m", {"k": Completion(text="t", prompt_tokens=1, completion_tokens=1)})
+    c.close()
+    path.write_bytes(b"")  # truncated to nothing: SQLite alone would take it for a new database
+    with caplog.at_level(logging.WARNING):
+        c = CompletionCache(path)
+    assert any("is an empty file" in r.getMessage() for r in caplog.records)
+    assert len(c) == 0
+    c.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a brand-new cache is not reported
+        CompletionCache(tmp_path / "new.sqlite").close()
+    assert not caplog.records
+
+
 def test_store_sees_partial_files_and_leftovers(tmp_path, caplog):
     store = ArtifactStore(tmp_path)
     kept = pl.DataFrame({"x": list(range(100))})
