@@ -196,3 +196,24 @@ def test_sft_written_in_slices_equals_one_part(full_run, tmp_path, monkeypatch):
     for k in ("rows_in", "rows_out", "added"):
         assert sum(f[k] for f in fa) == sum(f[k] for f in fb)
     assert store.verify_table("sft") == [] and store.done_info("sft") == ref.done_info("sft")
+
+
+def test_no_gold_chains_still_completes_with_typed_empty_tables(tmp_path, tiny_model_dir, shared_data):
+    """A weak teacher can leave no verified chain: every later stage finishes with empty tables of
+    the right columns (no engine started for nothing), and the funnel says why."""
+    rows = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:4]]
+    traces = tmp_path / "wrong.jsonl"
+    traces.write_text("".join(json.dumps({"question": r["question"], "answer": "Some steps.\n#### 987654321"}) + "\n"
+                              for r in rows))
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, shared_data, n_problems=4, teacher=None)
+    recipe["traces"][0]["path"] = str(traces)
+    ctx = run_recipe(load_recipe(write_recipe(tmp_path, recipe)), quiet=True)
+    f = _frames(ctx.run_dir)
+    assert f["gold_chains"].height == 0
+    assert f["compressions"].height == 0 and "answer_preserved" in f["compressions"].columns
+    assert f["judgments"].height == 0 and f["sft"].height == 0
+    assert f["rl"].height == 4
+    store = ArtifactStore(ctx.run_dir)
+    assert store.read_excluded("gold_chains")["reason"].to_list() == ["teacher_wrong"] * 4
+    assert _requests_sent(ctx.run_dir) == 0
+    assert check_funnel(store.read("funnel")) == []

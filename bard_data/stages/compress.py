@@ -57,6 +57,18 @@ def _compressed_reasoning(text: str) -> str:
     return (text or "").strip()
 
 
+def _empty_compressions(shard: pl.DataFrame) -> pl.DataFrame:
+    """The compressions table with no rows, typed as ``process_shard`` writes it."""
+    src = shard.schema
+    own = {"compression_id": pl.Utf8, "sample_id": src["sample_id"], "problem_id": src["problem_id"],
+           "group_id": src["group_id"], "budget_rank": src["budget_rank"], "budget": src["budget"],
+           "target_tokens": src["budget"], "attempts": pl.Int64, "model": pl.Utf8, "compressed_reasoning": pl.Utf8,
+           "compressed_tokens": pl.Int64, "original_tokens": src["reasoning_tokens"], "deviation": pl.Float64,
+           "within_tolerance": pl.Boolean, "predicted_answer": pl.Utf8, "gold_answer": src["gold_answer"],
+           "answer_preserved": pl.Boolean, "finish_reason": pl.Utf8, "ratio": pl.Float64}
+    return pl.DataFrame(schema=own)
+
+
 class CompressStage(Stage):
     table = "compressions"
     requires = ("gold_chains",)
@@ -98,7 +110,9 @@ class CompressStage(Stage):
                                   pl.format("{} reasoning tokens", "reasoning_tokens"))
         shard = shard.filter(pl.col("budget").is_not_null())
         if shard.height == 0:
-            return ShardResult(kept=pl.DataFrame(), excluded=too_short)
+            # An empty but typed table: the judge and SFT stages read its columns (no gold
+            # chains at all is a real outcome, e.g. a weak teacher), and no engine is started.
+            return ShardResult(kept=_empty_compressions(shard), excluded=too_short)
         llm = ctx.llm(cfg)
         pending = [{**r, "target": r["budget"], "attempts": 0} for r in shard.iter_rows(named=True)]
         tried: dict[int, list[dict]] = {}

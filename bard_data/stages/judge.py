@@ -59,7 +59,6 @@ class JudgeStage(Stage):
 
         cfg: JudgeConfig = ctx.recipe.judge
         schema = VERDICT_JSON_SCHEMA if cfg.structured_output else None
-        llm = ctx.llm(cfg)
         reqs = [
             ChatRequest.of(chat_messages(cfg.system_prompt, render(
                 cfg.prompt_template, question=r["question"], reasoning=r["reasoning"],
@@ -67,7 +66,7 @@ class JudgeStage(Stage):
             )), 0, schema)
             for r in shard.iter_rows(named=True)
         ]
-        outs = llm.generate(reqs, cfg.sampling, cfg.seed)
+        outs = ctx.llm(cfg).generate(reqs, cfg.sampling, cfg.seed) if reqs else []  # no engine for nothing
         parsed = [parse_verdict(o.text) if o.ok else (None, None) for o in outs]
         df = shard.select("compression_id").with_columns(
             pl.lit(cfg.backend.model).alias("model"),
