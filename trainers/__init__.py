@@ -119,3 +119,30 @@ def train_main(parse_args, build_trainer, argv=None) -> int:
     print(f"saved to {training_args.output_dir}")
     end_trainer(trainer)
     return 0
+
+
+def prepare_model_args(script_args, training_args, model_args):
+    """Checks the required names, moves the model's loading options into the TRL config's
+    ``model_init_kwargs`` (the trainers load the model from its name), and returns the tokenizer
+    (with a pad token) that both trainers share."""
+    from transformers import AutoTokenizer
+
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required")
+    if not script_args.dataset_name:
+        raise ValueError("dataset_name is required (a Hub id or a local published dataset)")
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -144,7 +144,6 @@ def load_eval_set(spec: str, limit: Optional[int] = None) -> list[dict]:
 
 def spearman(x, y) -> float:
     """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
-    import numpy as np
     import polars as pl
 
     if len(x) < 2:

@@ -34,7 +34,7 @@ from typing import Optional
 
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
-from trainers import config_argv, cpu_defaults, load_published, train_main
+from trainers import config_argv, cpu_defaults, load_published, prepare_model_args, train_main
 
 log = logging.getLogger(__name__)
 
@@ -123,28 +123,9 @@ def build_trainer(script_args: GRPOScriptArguments, training_args: GRPOConfig, m
                   reward_funcs: Optional[list] = None):
     """The configured ``GRPOTrainer`` (not yet trained). ``reward_funcs`` replaces the configured
     rewards (tests wrap them)."""
-    from transformers import AutoTokenizer
     from trl import GRPOTrainer, get_peft_config
 
-    if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path is required")
-    if not script_args.dataset_name:
-        raise ValueError("dataset_name is required (a Hub id or a local published dataset)")
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    if training_args.model_init_kwargs:
-        model_init_kwargs.update(training_args.model_init_kwargs)
-    training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = prepare_model_args(script_args, training_args, model_args)
     if reward_funcs is None:
         reward_funcs = build_rewards(script_args, tokenizer)
     if training_args.reward_weights is None and len(reward_funcs) > 1:

@@ -24,7 +24,7 @@ from typing import Optional
 
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-from trainers import config_argv, cpu_defaults, load_published, train_main
+from trainers import config_argv, cpu_defaults, load_published, prepare_model_args, train_main
 
 log = logging.getLogger(__name__)
 
@@ -94,28 +94,9 @@ def _check_template(tokenizer, training_args) -> None:
 
 def build_trainer(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig):
     """The configured ``SFTTrainer`` (not yet trained)."""
-    from transformers import AutoTokenizer
     from trl import SFTTrainer, get_peft_config
 
-    if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path is required")
-    if not script_args.dataset_name:
-        raise ValueError("dataset_name is required (a Hub id or a local published dataset)")
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    if training_args.model_init_kwargs:
-        model_init_kwargs.update(training_args.model_init_kwargs)
-    training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = prepare_model_args(script_args, training_args, model_args)
     if not training_args.chat_template_path:
         _check_template(tokenizer, training_args)
     train = load_sft_dataset(script_args)
