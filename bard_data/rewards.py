@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from bard_data.errors import DataError, RecipeError
 from bard_data.recipe import load_recipe
