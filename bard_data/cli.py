@@ -16,8 +16,7 @@ def _resume_hint(a, rd) -> str:
 
 
 def _cmd_run(a) -> int:
-    from bard_data.recipe import load_recipe
-    from bard_data.runner import resolve_run_dir, run_recipe, run_status
+    from bard_data.api import load_recipe, resolve_run_dir, run_recipe, run_status
 
     rd = None
     try:
@@ -50,9 +49,10 @@ def _cmd_run(a) -> int:
 
 
 def _print_status(run_dir: Path) -> None:
-    from bard_data.runner import funnel_frame, read_manifest, run_status
+    from bard_data.api import funnel_frame, read_manifest, run_status
+    from bard_data.pipeline import manifest
 
-    if not (Path(run_dir) / "manifest.json").exists():
+    if not manifest.exists(run_dir):
         raise BardError(f"{run_dir}: not a run directory (no manifest.json)")
     m = read_manifest(run_dir)
     print(f"run {run_dir} ({m.get('name')}, recipe {m.get('recipe_hash')}): {'complete' if m.get('complete') else 'incomplete'}")
@@ -79,25 +79,25 @@ def _cmd_status(a) -> int:
 
 
 def _cmd_sql(a) -> int:
-    from bard_data.sql import run_sql_cli
+    from bard_data.report.sql import run_sql_cli
 
     return run_sql_cli(a)
 
 
 def _cmd_stats(a) -> int:
-    from bard_data.stats import stats_cli
+    from bard_data.report.stats import stats_cli
 
     return stats_cli(a)
 
 
 def _cmd_push(a) -> int:
-    from bard_data.publish import push_cli
+    from bard_data.report.publish import push_cli
 
     return push_cli(a)
 
 
 def _cmd_export(a) -> int:
-    from bard_data.publish import export_cli
+    from bard_data.report.publish import export_cli
 
     return export_cli(a)
 

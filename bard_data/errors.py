@@ -23,3 +23,7 @@ class DataError(BardError):
 
 class BackendError(BardError):
     """An LLM backend cannot be started or reached (model not found, server down)."""
+
+
+class PublishError(BardError):
+    """Export or push failed (bad run, bad target, Hub error, bad card template)."""

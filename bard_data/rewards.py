@@ -11,17 +11,19 @@ answer; ``answer`` is accepted as an alias) and ``budget`` (the thinking budget 
 Definitions (all knobs in ``RewardConfig``, none hidden):
 
 - **R_acc** = 1 when the answer extracted from the response verifies against the gold answer
-  (``bard_data.answers.verify``: math-verify for math, exact letter match for multiple choice),
+  (``bard_data.text.answers.verify``: math-verify for math, exact letter match for multiple choice),
   else 0. The answer is looked for after ``</think>``; a completion with no think tags at all is all
   response. An *unclosed* ``<think>`` (ran out of tokens while thinking) has no answer: an
-  answer-looking tail of unfinished thinking is not an answer (``bard_data.reasoning``'s rule).
+  answer-looking tail of unfinished thinking is not an answer (``bard_data.text.reasoning``'s rule).
   An unparsable gold or prediction scores 0.
-- **R_bud** from the reasoning length n (tokens inside ``<think>``) and the budget b.
-  d = (n - b) / b, clipped at 0 below when ``one_sided`` (only overshoot is penalized), |d|
-  otherwise. R_bud = 1 when d <= tolerance; beyond it, with excess = d - tolerance,
-  ``linear``: max(0, 1 - alpha * excess), ``exp``: exp(-alpha * excess).
+- **R_bud** from the reasoning length n (tokens inside ``<think>``) and the budget b: the formula
+  of ``bard_data.budget.fidelity.r_bud`` (1 within the tolerance, then a ``linear`` or ``exp``
+  decay at rate ``alpha``), with the dataset's ``tolerance`` and ``one_sided``.
   A missing ``</think>`` means the reasoning runs to the end of the completion (so dropping the
-  tags cannot game the budget). No budget (None, or b <= 0) means no constraint: R_bud = 1.
+  tags cannot game the budget). The budget comes from the ``budget`` column (a null there means a
+  row without a budget: no constraint, R_bud = 1); without that column it is read back from the
+  prompt with the parser of the dataset's budget template (``bard_data.budget.statement``), and a
+  prompt that states no budget is an error, never a silent R_bud = 1.
 - **bard** = R_acc x R_bud (the default; a short wrong answer earns 0) and **additive** =
   R_acc + R_bud (the ablation that reward-hacks: a short wrong answer earns 1).
 
@@ -35,30 +37,31 @@ and quick looks, never for training).
 
 Defaults and why:
 
-- ``tolerance = 0.1``: a 10% slack is what the compression stage's own budget fidelity can
-  reach; tighter than that would penalize tokenization noise between the teacher's and student's
-  counting.
-- ``one_sided = True``: users state a *ceiling* ("think for at most N tokens"). Thinking less
-  is what they want when the answer is still right, and R_acc already gates it (a short wrong
-  answer earns 0 under the multiplicative reward), so under-budget thinking needs no penalty.
-  Two-sided is there for studies of budget *matching*.
+- ``tolerance``, ``one_sided``: the dataset's (the recipe's ``budget`` section, written into the
+  published dataset); the trainer passes them, so the reward judges fidelity as the data did.
+  One-sided (a budget as a ceiling, where R_acc already gives a short wrong answer 0) is a
+  setting of the recipe, or an override of the trainer's ``reward_one_sided``.
 - ``shape = "linear"``, ``alpha = 1.0``: the deviation is relative, so alpha = 1 means each extra
-  budget-worth of tokens costs the whole reward: R_bud falls to 0.6 at 1.5 b and to 0 at
-  (2 + tolerance) b. That still pays something for completions moderately over budget, which is
-  where an SFT student starts RL (typically 20-50% over), so the group advantages of GRPO are not
-  all zero; a steeper alpha (or exp with large alpha) makes the reward sparse early on.
+  budget-worth of tokens costs the whole reward: R_bud falls to 0.6 at 1.5 b (tolerance 0.1) and to
+  0 at (2 + tolerance) b. That still pays something for completions moderately over budget, which
+  is where an SFT student starts RL (typically 20-50% over), so the group advantages of GRPO are
+  not all zero; a steeper alpha (or exp with large alpha) makes the reward sparse early on.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any, Callable, Literal, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from bard_data.answers import extract_answer, verify
+from bard_data.budget.fidelity import fidelity_metrics, r_bud
+from bard_data.budget.statement import parse_budget
+from bard_data.config.base import Strict
+from bard_data.config.budget import BudgetConfig
+from bard_data.config.stages import DEFAULT_BUDGET_TEMPLATE, FormatConfig
+from bard_data.text.answers import extract_answer, verify
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +76,22 @@ __all__ = [
     "bard_reward",
     "additive_reward",
     "budget_score",
-    "budget_metrics",
     "completion_text",
-    "reasoning_lengths",
 ]
 
-_EPS = 1e-12
-_BUDGET_IN_PROMPT = re.compile(r"budget\s*:?\s*(\d+)\s*tokens", re.IGNORECASE)
 
+class RewardConfig(Strict):
+    """Shape of R_bud, the budget statement to read budgets back with, and how reasoning is
+    delimited (see the module docstring for the defaults)."""
 
-class RewardConfig(BaseModel):
-    """Shape of R_bud and how reasoning is delimited (see the module docstring for the defaults)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tolerance: float = Field(0.1, ge=0.0, description="relative deviation |n-b|/b that still earns R_bud = 1")
+    tolerance: float = Field(BudgetConfig.model_fields["tolerance"].default, ge=0.0,
+                             description="relative deviation still within the budget (the dataset's)")
     alpha: float = Field(1.0, ge=0.0, description="decay rate of R_bud beyond the tolerance")
-    one_sided: bool = Field(True, description="only overshoot (n > b) is penalized")
+    one_sided: bool = Field(BudgetConfig.model_fields["one_sided"].default,
+                            description="only overshoot (n > b) is penalized (the dataset's)")
     shape: Literal["linear", "exp"] = "linear"
+    budget_template: str = Field(DEFAULT_BUDGET_TEMPLATE, description="the dataset's budget statement (jinja2)")
+    budget_placement: Literal["system", "user_prefix", "user_suffix"] = "system"
     think_open: str = "<think>"
     think_close: str = "</think>"
     # Token ids of the tags for the completion_ids path when no tokenizer is given.
@@ -144,21 +145,27 @@ def _column(columns: dict, names: Sequence[str], n: int) -> Optional[list]:
     return None
 
 
-def _budgets(prompts, columns: dict, n: int) -> list[Optional[int]]:
+def _budgets(prompts, columns: dict, n: int, cfg: RewardConfig) -> list[Optional[int]]:
     vals = _column(columns, ("budget",), n)
     if vals is None:
-        # No budget column: read "Thinking budget: N tokens." from the prompt (the dataset template).
+        # No budget column: read the budget back from the prompt, in the dataset's wording.
+        fmt = FormatConfig(budget_template=cfg.budget_template, budget_placement=cfg.budget_placement)
         prompts = list(prompts) if prompts is not None else [None] * n
         vals = []
-        for p in prompts:
-            m = _BUDGET_IN_PROMPT.search(_prompt_text(p))
-            vals.append(int(m.group(1)) if m else None)
+        for i, p in enumerate(prompts):
+            b = parse_budget(fmt, p if p is not None else "")
+            if b is None:
+                raise ValueError(f"row {i}: no budget column and the prompt states no budget in the form "
+                                 f"{cfg.budget_template!r} ({cfg.budget_placement}); prompt: {_prompt_text(p)[:120]!r}")
+            vals.append(b)
     out: list[Optional[int]] = []
-    for v in vals:
+    for i, v in enumerate(vals):
         if v is None or (isinstance(v, float) and math.isnan(v)):
-            out.append(None)
+            out.append(None)  # a row without a budget (a standard chain): no constraint
+        elif int(v) <= 0:
+            raise ValueError(f"row {i}: budget {v} is not positive")
         else:
-            out.append(int(v) if int(v) > 0 else None)
+            out.append(int(v))
     return out
 
 
@@ -264,7 +271,7 @@ class TokenCounter:
             hi -= 1
         return hi - lo, closed
 
-    def lengths(self, completions: Sequence[Any], completion_ids: Optional[Sequence[Sequence[int]]] = None) -> tuple[list[int], list[bool]]:
+    def reasoning_tokens(self, completions: Sequence[Any], completion_ids: Optional[Sequence[Sequence[int]]] = None) -> tuple[list[int], list[bool]]:
         """Reasoning token counts and whether each think block was closed."""
         if completion_ids is not None and self.close_id is not None:
             out = [self.count_ids(ids) for ids in completion_ids]
@@ -285,28 +292,14 @@ def _single_token_id(tokenizer, token: str) -> Optional[int]:
     return int(tid) if tid is not None and tid != unk else None
 
 
-def reasoning_lengths(completions, completion_ids=None, tokenizer=None, cfg: RewardConfig | None = None):
-    """(lengths, closed) of the reasoning of each completion (see ``TokenCounter``)."""
-    return TokenCounter(tokenizer, cfg).lengths(completions, completion_ids)
-
-
 # ---------------------------------------------------------------------------------------------
 # the reward arithmetic
 
 
 def budget_score(n: int, budget: Optional[int], cfg: RewardConfig | None = None) -> float:
-    """R_bud for one completion with n reasoning tokens and budget ``budget``."""
+    """R_bud for one completion with n reasoning tokens (``budget.fidelity.r_bud``)."""
     cfg = cfg or RewardConfig()
-    if budget is None or budget <= 0:
-        return 1.0
-    dev = (n - budget) / budget
-    d = max(dev, 0.0) if cfg.one_sided else abs(dev)
-    if d <= cfg.tolerance + _EPS:
-        return 1.0
-    excess = d - cfg.tolerance
-    if cfg.shape == "linear":
-        return max(0.0, 1.0 - cfg.alpha * excess)
-    return math.exp(-cfg.alpha * excess)
+    return r_bud(n, budget, cfg.tolerance, cfg.one_sided, cfg.alpha, cfg.shape)
 
 
 def _accuracy(completions, columns: dict, cfg: RewardConfig) -> list[float]:
@@ -321,46 +314,6 @@ def _accuracy(completions, columns: dict, cfg: RewardConfig) -> list[float]:
     return out
 
 
-def budget_metrics(
-    completions: Sequence[Any],
-    budgets: Sequence[Optional[int]],
-    completion_ids: Optional[Sequence[Sequence[int]]] = None,
-    tokenizer: Any = None,
-    tolerance: float = 0.1,
-    lengths: Optional[Sequence[int]] = None,
-    closed: Optional[Sequence[bool]] = None,
-    cfg: RewardConfig | None = None,
-) -> dict[str, float]:
-    """Budget fidelity of a batch, over the rows with a budget.
-
-    - ``deviation_mean``: mean |n - b| / b;  ``deviation_signed_mean``: mean (n - b) / b
-    - ``within_tolerance``: share with |n - b| / b <= tolerance (two-sided: fidelity, whatever
-      the reward's sidedness)
-    - ``overshoot``: share with (n - b) / b > tolerance; ``undershoot``: (b - n) / b > tolerance
-    - ``reasoning_tokens_mean`` (all rows), ``think_closed`` (share of closed think blocks, all rows)
-
-    Rates are NaN when no row has a budget. ``lengths``/``closed`` skip recounting.
-    """
-    if lengths is None:
-        lengths, closed = TokenCounter(tokenizer, cfg).lengths(completions, completion_ids)
-    budgets = list(budgets)
-    if len(budgets) != len(lengths):
-        raise ValueError(f"{len(budgets)} budgets for {len(lengths)} completions")
-    devs = [(n - b) / b for n, b in zip(lengths, budgets) if b is not None and b > 0]
-    nan = float("nan")
-    k = len(devs)
-    out = {
-        "deviation_mean": sum(abs(d) for d in devs) / k if k else nan,
-        "deviation_signed_mean": sum(devs) / k if k else nan,
-        "within_tolerance": sum(abs(d) <= tolerance + _EPS for d in devs) / k if k else nan,
-        "overshoot": sum(d > tolerance + _EPS for d in devs) / k if k else nan,
-        "undershoot": sum(-d > tolerance + _EPS for d in devs) / k if k else nan,
-        "reasoning_tokens_mean": sum(lengths) / len(lengths) if len(lengths) else nan,
-        "think_closed": (sum(bool(c) for c in closed) / len(closed)) if closed is not None and len(closed) else nan,
-    }
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # reward functions
 
@@ -372,7 +325,7 @@ class RewardFunction:
     """A configured reward (picklable; ``__name__`` is what TRL logs as ``rewards/<name>/mean``).
 
     ``log_budget_metrics``: when TRL hands in ``log_metric`` (GRPOTrainer does), also log
-    ``budget/<metric>`` from ``budget_metrics`` for the batch. Turn it on for one reward only.
+    ``budget/<metric>`` from ``budget.fidelity.fidelity_metrics`` for the batch. Turn it on for one reward only.
     """
 
     def __init__(self, kind: str, cfg: RewardConfig | None = None, tokenizer: Any = None,
@@ -395,14 +348,13 @@ class RewardFunction:
             return []
         log_metric: Optional[Callable] = columns.pop("log_metric", None)
         needs_len = self.kind != "accuracy" or (self.log_budget_metrics and log_metric is not None)
-        budgets = _budgets(prompts, columns, n) if needs_len else [None] * n
+        budgets = _budgets(prompts, columns, n, self.cfg) if needs_len else [None] * n
         lengths: list[int] = []
         closed: list[bool] = []
         if needs_len:
-            lengths, closed = self.counter.lengths(completions, completion_ids)
+            lengths, closed = self.counter.reasoning_tokens(completions, completion_ids)
         if self.log_budget_metrics and log_metric is not None:
-            for k, v in budget_metrics(completions, budgets, tolerance=self.cfg.tolerance,
-                                       lengths=lengths, closed=closed).items():
+            for k, v in fidelity_metrics(lengths, budgets, self.cfg.tolerance, self.cfg.one_sided, closed).items():
                 if not math.isnan(v):
                     log_metric(f"budget/{k}", float(v))
         if self.kind == "accuracy":

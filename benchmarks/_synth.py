@@ -43,7 +43,7 @@ SHARD = 2048
 SAMPLES_PER_PROBLEM = 4
 SOLVED = 0.85
 MAX_REASONING = 12000
-FORMAT_VERSION = 4  # bump when the generated data changes
+FORMAT_VERSION = 5  # bump when the generated data changes
 
 
 def _pool(rng: np.random.Generator, chars: int = 48_000_000) -> bytes:
@@ -126,7 +126,8 @@ def recipe_dict(out: Path, tiny_model: Path) -> dict:
                     "max_reasoning_tokens": MAX_REASONING},
         "compression": {"backend": backend, "sampling": {"temperature": 0.7, "top_p": 0.8, "max_tokens": 10000},
                         "seed": 1, "budgets": {"mode": "log_uniform", "per_chain": 3, "floor": 256, "min_spacing": 0.3},
-                        "tolerance": 0.15, "max_retries": 2},
+                        "max_retries": 2},
+        "budget": {"tolerance": 0.15},
         "judge": {"backend": backend, "sampling": {"temperature": 0.0, "max_tokens": 1024}, "seed": 2, "min_score": 0.7},
         "balance": {"n_bins": 8, "target": "uniform", "upsample": True, "max_upsample": 2.0, "keep_groups": False,
                     "standard_ratio": 0.9},
@@ -136,20 +137,20 @@ def recipe_dict(out: Path, tiny_model: Path) -> dict:
 
 
 def load_recipe(out: Path):
-    from bard_data.recipe import parse_recipe
+    from bard_data.config import parse_recipe
 
     data = json.loads((out / "recipe.json").read_text())
     return parse_recipe(data, str(out / "recipe.json"), out)
 
 
 def tiny_model(work: Path) -> Path:
-    from bard_data.tiny_models import build_tiny_model
+    from tests.tiny_models import build_tiny_model
 
     return build_tiny_model(work / "tiny-model", SHARED_DATA / "gsm8k" / "train.jsonl")
 
 
 def _write_sharded(store, table: str, df, counters_fn=None) -> int:
-    from bard_data.store import atomic_write_json
+    from bard_data.pipeline.store import atomic_write_json
 
     n = max(1, math.ceil(df.height / SHARD))
     layout = {"shard_size": SHARD, "shards": n, "rows": df.height}
@@ -175,8 +176,8 @@ def is_ready(out: Path, compressions: int, text_scale: float) -> bool:
 def make_run(out: str | Path, compressions: int, text_scale: float = 32, seed: int = 0, work: Path | None = None) -> dict:
     import polars as pl
 
-    from bard_data.ids import content_id, normalize_question
-    from bard_data.store import ArtifactStore
+    from bard_data.pipeline.store import ArtifactStore
+    from bard_data.text.ids import content_id, normalize_question
 
     out = Path(out)
     if is_ready(out, compressions, text_scale):
@@ -312,14 +313,14 @@ def make_run(out: str | Path, compressions: int, text_scale: float = 32, seed: i
         "model": ["Qwen/Qwen3-32B"] * n,
         "compressed_reasoning": texts.make(np.round(ctoks * cpt)),
         "compressed_tokens": ctoks,
-        "original_tokens": orig,
+        "reasoning_tokens": orig,
         "deviation": dev,
         "within_tolerance": within,
         "predicted_answer": np.where(preserved, gold_a, "0"),
         "gold_answer": gold_a,
         "answer_preserved": preserved,
         "finish_reason": ["stop"] * n,
-    }).with_columns((pl.col("compressed_tokens") / pl.col("original_tokens")).alias("ratio"))
+    }).with_columns((pl.col("compressed_tokens") / pl.col("reasoning_tokens")).alias("ratio"))
     comp = comp.sort("sample_id", "budget_rank")
     n_comp_parts = _write_sharded(store, "compressions", comp, lambda part: {
         "retried_requests": int((part["attempts"] - 1).sum()), "needed_retry": int((part["attempts"] > 1).sum())})
@@ -367,7 +368,7 @@ def make_run(out: str | Path, compressions: int, text_scale: float = 32, seed: i
 
 
 # Tables the post-processing stages write (removed before a timed run).
-POST_TABLES = ["problems", "decontamination", "gold_chains", "sft", "rl", "funnel"]
+POST_TABLES = ["problems", "decontamination", "gold_chains", "filtered_compressions", "sft", "balance", "rl", "funnel"]
 
 
 def reset_post(out: Path) -> None:

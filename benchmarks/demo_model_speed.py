@@ -4,7 +4,7 @@ Generates answers to the first N GSM8K problems with one backend or both -- tran
 ``generate`` (one batch, left padding) and the vLLM offline engine (one ``chat`` call) -- and prints
 start time, wall time, generated tokens per second and how many answers match the ``#### N`` gold.
 
-    python -m bard_data.demo_model                      # once: writes .models/SmolLM2-135M-Instruct
+    python scripts/demo_model.py                      # once: writes .models/SmolLM2-135M-Instruct
     python benchmarks/demo_model_speed.py .models/SmolLM2-135M-Instruct --threads 1 --backend both
 
 ``--threads`` sets OMP_NUM_THREADS before torch is imported (the process's own setting wins if
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if not Path(args.model_dir, "config.json").is_file():
-        print(f"error: no model at {args.model_dir} (python -m bard_data.demo_model)", file=sys.stderr)
+        print(f"error: no model at {args.model_dir} (python scripts/demo_model.py)", file=sys.stderr)
         return 2
     problems = load_problems(args.data, args.n)
     runs = {"hf": [run_hf], "vllm": [run_vllm], "both": [run_hf, run_vllm]}[args.backend]

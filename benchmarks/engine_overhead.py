@@ -11,7 +11,7 @@ process per backend:
    the backend builds (temperature 0, fixed ``max_tokens``). Stage = ``TeacherStage.run`` on a
    fresh run directory (cache cold): problems -> prompts -> cache lookup -> engine -> cache store
    -> split/extract/verify answers -> student token counts -> Parquet shards. The stage is handed
-   the same engine (``runner.make_backend`` is patched to return it), so engine start-up is in
+   the same engine (``pipeline.context.make_backend`` is patched to return it), so engine start-up is in
    neither figure. Stage and raw alternate (``--rounds`` pairs, the stage on a fresh run directory
    each time); the figure is best stage wall / best raw wall (target <= 1.10);
 3. compression: gold chains from the first half of the problems' GSM8K worked solutions
@@ -50,7 +50,7 @@ HF_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def model_dir(work: Path, hidden: int, layers: int) -> Path:
-    from bard_data.tiny_models import build_tiny_model
+    from tests.tiny_models import build_tiny_model
 
     heads = hidden // 32
     return build_tiny_model(work / f"qwen3-h{hidden}-l{layers}", DATA, hidden_size=hidden, layers=layers,
@@ -134,9 +134,10 @@ def raw_hf(backend, calls) -> tuple[float, int]:
 
 def child(kind: str, work: Path, n: int, max_tokens: int, hidden: int, layers: int, batch_size: int,
           rounds: int = 2) -> dict:
-    import bard_data.runner as runner
-    from bard_data.recipe import parse_recipe
-    from bard_data.runner import RunContext
+    import bard_data.pipeline.context as context
+    from bard_data.config import parse_recipe
+    from bard_data.pipeline.context import RunContext
+    from bard_data.pipeline.runner import run_stage
     from bard_data.stages.compress import CompressStage
     from bard_data.stages.gold import GoldStage
     from bard_data.stages.problems import ProblemsStage
@@ -151,9 +152,9 @@ def child(kind: str, work: Path, n: int, max_tokens: int, hidden: int, layers: i
         backend_cfg = {"kind": "transformers", "model": str(model), "batch_size": batch_size}
     recipe = parse_recipe(recipe_dict(work / f"engine-run-{kind}", model, backend_cfg, n, max_tokens), "<bench>", ".")
     t0 = time.perf_counter()
-    backend = runner.make_backend(recipe.teacher.backend, resolve=recipe.resolve)
+    backend = context.make_backend(recipe.teacher.backend, resolve=recipe.resolve)
     start_s = time.perf_counter() - t0
-    runner.make_backend = lambda cfg, resolve=None: backend  # the stages get this very engine
+    context.make_backend = lambda cfg, resolve=None: backend  # the stages get this very engine
     backend.close = lambda: None  # closing a round's context must not stop the shared engine
     raw = raw_vllm if kind == "vllm" else raw_hf
     llm_name = recipe.teacher.backend.model
@@ -166,14 +167,14 @@ def child(kind: str, work: Path, n: int, max_tokens: int, hidden: int, layers: i
 
     def stage_round(stage_cls, prep, i):
         """A fresh run directory (cache cold); untimed upstream stages; the stage timed."""
-        run_dir = work / f"engine-run-{kind}-{stage_cls.table}-{i}"
+        run_dir = work / f"engine-run-{kind}-{stage_cls.name}-{i}"
         shutil.rmtree(run_dir, ignore_errors=True)
         ctx = RunContext(recipe, run_dir, quiet=True)
         for st in prep:
-            st().run(ctx)
+            run_stage(ctx, st())
         rec = Recorder(backend)
         t0 = time.perf_counter()
-        stage_cls().run(ctx)
+        run_stage(ctx, stage_cls())
         wall = time.perf_counter() - t0
         rec.stop()
         tokens = ctx.llm_stats().get(llm_name, {}).get("completion_tokens", 0)

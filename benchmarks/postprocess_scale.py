@@ -46,24 +46,29 @@ def child(out: Path, with_stats: bool = True) -> dict:
     _synth.reset_post(out)
     import polars  # noqa: F401  (imports are not part of the timings)
 
-    from bard_data import balance, decontam, runner
-    from bard_data.runner import all_stages, run_recipe
-    from bard_data.stages import format as fmt
-    from bard_data.stages import gold, problems
-    from bard_data.stats import report
+    from bard_data.api import run_recipe
+    from bard_data.pipeline import runner
+    from bard_data.report.stats import report
+    from bard_data.stages import filter as filter_stage
+    from bard_data.stages import problems, rl, sft
 
     sampler = RSSSampler().start()
     rss_start = sampler.proc.memory_info().rss
     timer = Timer(sampler)
-    for st in all_stages():
-        timer.wrap(type(st), "run", st.table)
+    stage_run = runner.run_stage
+
+    def timed_stage(ctx, stage, executor=None):  # one step per stage, named after its table
+        with timer.step(stage.name):
+            return stage_run(ctx, stage, executor)
+
+    runner.run_stage = timed_stage
     timer.wrap(problems, "build_problems", "/build_problems")
-    timer.wrap(decontam, "decontaminate", "/decontaminate")
-    timer.wrap(gold, "select_gold", "/select_gold")
-    timer.wrap(fmt, "filter_compressions", "/filter_compressions")
-    timer.wrap(balance, "balance", "/balance")
-    timer.wrap(balance, "mix_standard", "/mix_standard")
-    timer.wrap(fmt, "_messages_column", "/messages")
+    timer.wrap(problems, "decontaminate", "/decontaminate")
+    timer.wrap(filter_stage, "filter_compressions", "/filter_compressions")
+    timer.wrap(sft, "balance", "/balance")
+    timer.wrap(sft, "mix_standard", "/mix_standard")
+    timer.wrap(sft, "messages_column", "/messages")
+    timer.wrap(rl, "messages_column", "/messages")
     timer.wrap(runner, "build_funnel", "funnel")
     recipe = _synth.load_recipe(out)
     t0 = time.perf_counter()

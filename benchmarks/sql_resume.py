@@ -4,7 +4,7 @@ Works on the synthetic run directories of ``postprocess_scale.py`` (generated th
 and brought to "finished" by one post-processing pass here if the tables are not all written):
 
 1. SQL: for every shipped query (bard_data/queries/*.sql), one fresh DuckDB connection over the
-   run (``bard_data.sql.connect``, the views ``bard-data sql`` has) and the query executed into a
+   run (``bard_data.report.sql.connect``, the views ``bard-data sql`` has) and the query executed into a
    Polars frame, ``--repeat`` times; the best and the first (cold OS cache aside, same process)
    wall times are printed. Connecting is timed on its own. Target: <= 1 s per query at 1.3M rows.
 2. Resume: ``run_recipe`` on the finished run in a fresh process (every stage finds its
@@ -41,8 +41,8 @@ def _finished(run: Path) -> bool:
 def child_sql(out: Path, repeat: int) -> dict:
     import polars  # noqa: F401  (import time is not query time)
 
-    from bard_data.sql import connect, execute, views
-    from bard_data.stats import shipped_queries
+    from bard_data.report.catalog import shipped_queries
+    from bard_data.report.sql import connect, execute, views
 
     run = out / "run"
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def child_sql(out: Path, repeat: int) -> dict:
 def child_resume(out: Path) -> dict:
     import _synth
 
-    from bard_data.runner import run_recipe
+    from bard_data.api import run_recipe
 
     recipe = _synth.load_recipe(out)
     t0 = time.perf_counter()

@@ -27,9 +27,8 @@ TARGET = 1.2
 
 
 def make_texts(n: int, seed: int = 0) -> list[str]:
-    import numpy as np
-
     import _synth
+    import numpy as np
 
     rng = np.random.default_rng(seed)
     tm = _synth.TextMaker(rng)
@@ -38,8 +37,8 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
 
 
 def ctx_for(tokenizer_dir: Path):
-    from bard_data.recipe import parse_recipe
-    from bard_data.runner import RunContext
+    from bard_data.config import parse_recipe
+    from bard_data.pipeline.context import RunContext
 
     data = {"name": "tok-bench", "run_dir": "/tmp/tok-bench-run", "student": {"tokenizer": str(tokenizer_dir)},
             "sources": [{"name": "g", "path": str(Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl")}]}

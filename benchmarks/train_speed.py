@@ -3,7 +3,7 @@
 SFT: optimizer steps per second and trained tokens per second (``trainers.sft``'s trainer,
 assistant-only loss). GRPO: seconds per step (generation + rewards + update, TRL's own
 ``step_time``) with the BARD reward set. Nothing is downloaded: the tokenizer is trained locally
-(bard_data.tiny_models), the model is a Qwen3 with Qwen3-0.6B's shape and random weights.
+(tests.tiny_models), the model is a Qwen3 with Qwen3-0.6B's shape and random weights.
 
     python benchmarks/train_speed.py                  # CUDA: full size; CPU: reduced (4 layers, seq 256)
     python benchmarks/train_speed.py --size reduced --threads 2 --json out/train_speed.json
@@ -37,7 +37,7 @@ def build_model(out: Path, layers: int, dtype: str, vocab: str = "full") -> Path
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from bard_data.tiny_models import build_tokenizer
+    from tests.tiny_models import build_tokenizer
 
     if (out / "config.json").exists():
         return out

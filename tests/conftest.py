@@ -30,6 +30,6 @@ def shared_data() -> Path:
 def tiny_model_dir(tmp_path_factory, shared_data) -> Path:
     """A random few-layer Qwen3 with a local tokenizer (think tags non-special, chat template
     with generation markers); built once per session, offline."""
-    from bard_data.tiny_models import build_tiny_model
+    from tests.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3", shared_data / "gsm8k" / "train.jsonl")

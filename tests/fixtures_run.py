@@ -1,6 +1,6 @@
 """A small synthetic run directory with every table a real run writes, for SQL/stats/publish tests.
 
-Built with ``ArtifactStore.write_table`` only (no LLM, no tokenizer), so the tests of the
+Built with the store's writes only (no LLM, no tokenizer), so the tests of the
 read-side (SQL views, the stats report, export and push) do not depend on the pipeline. Numbers
 are deterministic and chosen so that every report part has something to count: two sources, a
 `test` split in ``rl``, compressions that miss the tolerance or change the answer, judge
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import polars as pl
 
-from bard_data.funnel import build_funnel
-from bard_data.store import ArtifactStore, atomic_write_json
+from bard_data.budget.balance import balance_table
+from bard_data.pipeline.funnel import build_funnel
+from bard_data.pipeline.store import ArtifactStore, atomic_write_json
 
 EDGES = [8, 32, 128, 512]
 LABELS = ["[8,32)", "[32,128)", "[128,512]"]
@@ -45,6 +46,12 @@ def _funnel(stage: str, rows_in: int, kept: pl.DataFrame, excluded: pl.DataFrame
             "dropped": dropped, "counters": counters or {}}
 
 
+def _write(store: ArtifactStore, table: str, df: pl.DataFrame, excluded: pl.DataFrame | None, funnel: dict) -> None:
+    """One stage's table as the runner writes it: one part with its funnel record, then done."""
+    store.write_shard(table, 0, df, excluded, funnel)
+    store.mark_done(table, {"shards": 1, "rows": df.height})
+
+
 def make_run(root: str | Path) -> Path:
     root = Path(root)
     store = ArtifactStore(root)
@@ -65,7 +72,7 @@ def make_run(root: str | Path) -> Path:
         {"source": "math", "source_row": 13, "question": "What is 0 + 1?", "raw_answer": "1",
          "reason": "duplicate", "detail": "same question as an earlier row (p-00)"},
     ])
-    store.write_table("problems", problems, prob_ex, _funnel("problems", 14, problems, prob_ex))
+    _write(store, "problems", problems, prob_ex, _funnel("problems", 14, problems, prob_ex))
     store.write_table("decontamination", pl.DataFrame({
         "reference": ["math500", "amc23"], "reference_rows": [500, 40], "overlapping_problems": [1, 0]}))
 
@@ -97,10 +104,10 @@ def make_run(root: str | Path) -> Path:
                 "flag_disagrees": False, "source_row": i,
             })
     teacher = pl.DataFrame(samples)
-    store.write_table("teacher_samples", teacher, None, _funnel("teacher_samples", teacher.height, teacher, None))
+    _write(store, "teacher_samples", teacher, None, _funnel("teacher_samples", teacher.height, teacher, None))
     imp = pl.DataFrame(imported, schema_overrides={"prompt": pl.Utf8, "completion_tokens": pl.Int64,
                                                     "source_flag": pl.Boolean})
-    store.write_table("imported_samples", imp, None, _funnel("imported_samples", imp.height, imp, None))
+    _write(store, "imported_samples", imp, None, _funnel("imported_samples", imp.height, imp, None))
 
     # -- gold chains: the shortest correct sample per problem ------------------------------
     alls = pl.concat([teacher, imp], how="diagonal_relaxed")
@@ -118,7 +125,7 @@ def make_run(root: str | Path) -> Path:
         ok.filter(~first).drop("question", "n_samples", "n_correct", "pass_rate").with_columns(
             pl.lit("not_selected").alias("reason"), pl.lit("gold policy shortest").alias("detail")),
     ], how="diagonal_relaxed")
-    store.write_table("gold_chains", gold, gold_ex, _funnel("gold_chains", alls.height, gold, gold_ex))
+    _write(store, "gold_chains", gold, gold_ex, _funnel("gold_chains", alls.height, gold, gold_ex))
 
     # -- compressions: three budgets per gold chain ----------------------------------------
     comps = []
@@ -134,13 +141,13 @@ def make_run(root: str | Path) -> Path:
                 "compression_id": f"c-{j:03d}", "sample_id": g["sample_id"], "problem_id": g["problem_id"],
                 "group_id": f"g-{g['sample_id']}", "budget_rank": rank, "budget": b, "target_tokens": b,
                 "attempts": 1 + (j % 4 == 3), "model": COMPRESSOR, "compressed_reasoning": f"short {j}",
-                "compressed_tokens": ct, "original_tokens": n, "deviation": dev,
+                "compressed_tokens": ct, "reasoning_tokens": n, "deviation": dev,
                 "within_tolerance": abs(dev) <= 0.2, "predicted_answer": g["gold_answer"] if j % 5 else "0",
                 "gold_answer": g["gold_answer"], "answer_preserved": j % 5 != 0, "finish_reason": "stop",
                 "ratio": ct / n,
             })
     comp = pl.DataFrame(comps)
-    store.write_table("compressions", comp, None, _funnel("compressions", comp.height, comp, None,
+    _write(store, "compressions", comp, None, _funnel("compressions", comp.height, comp, None,
                                                           counters={"needed_retry": int((comp["attempts"] > 1).sum())}))
 
     # -- judgments on answer-preserved compressions ----------------------------------------
@@ -162,9 +169,10 @@ def make_run(root: str | Path) -> Path:
                      "verdict": verdict})
     jd = pl.DataFrame(judg, schema_overrides={"complete": pl.Boolean, "score": pl.Float64,
                                               "missing_steps": pl.List(pl.Utf8), "parse_error": pl.Utf8})
-    store.write_table("judgments", jd, None, _funnel("judgments", jd.height, jd, None))
+    _write(store, "judgments", jd, None, _funnel("judgments", jd.height, jd, None))
 
-    # -- sft: filter, bin, drop one row of the fullest bin (balanced away), add standard ----
+    # -- filtered compressions, then sft: bin, drop one row of the fullest bin (balanced away),
+    # add standard --------------------------------------------------------------------------
     f = comp.join(jd.select("compression_id", "verdict"), on="compression_id", how="left")
     reason = (pl.when(~pl.col("answer_preserved")).then(pl.lit("answer_changed"))
               .when(~pl.col("within_tolerance")).then(pl.lit("over_budget"))
@@ -179,11 +187,13 @@ def make_run(root: str | Path) -> Path:
     drop_id = passed.filter(pl.col("budget_bin") == fullest)["compression_id"][0]
     kept = passed.filter(pl.col("compression_id") != drop_id)
     after = {lab: int((kept["budget_bin"] == lab).sum()) for lab in LABELS}
-    sft_ex = pl.concat([
-        f.filter(pl.col("reason").is_not_null()).with_columns(pl.lit("").alias("detail")),
-        passed.filter(pl.col("compression_id") == drop_id).with_columns(
-            pl.lit("balanced_away").alias("reason"), pl.lit("").alias("detail")),
-    ], how="diagonal_relaxed").drop("verdict")
+    filt_ex = f.filter(pl.col("reason").is_not_null()).with_columns(pl.lit("").alias("detail")).drop(
+        "verdict", "budget_bin", "compressed_reasoning")
+    filtered = passed.drop("verdict", "reason", "budget_bin", "compressed_reasoning")
+    _write(store, "filtered_compressions", filtered, filt_ex, _funnel("filtered_compressions", comp.height, filtered,
+                                                                     filt_ex))
+    sft_ex = passed.filter(pl.col("compression_id") == drop_id).with_columns(
+        pl.lit("balanced_away").alias("reason"), pl.lit("").alias("detail")).drop("verdict", "compressed_reasoning")
     kept = kept.join(gold.select("sample_id", "question", "response", "source"), on="sample_id", how="left")
 
     def msgs(q, reasoning, resp, budget):
@@ -213,8 +223,8 @@ def make_run(root: str | Path) -> Path:
         "rows_in": total, "rows_kept": n_bud, "rows_upsampled": 0, "outside_bins": 0,
         "total_requested": n_bud, "keep_groups": False,
     }
-    store.write_table("sft", sft, sft_ex, _funnel("sft", comp.height + gold.height, sft, sft_ex),
-                      info={"balance": report})
+    _write(store, "sft", sft, sft_ex, _funnel("sft", filtered.height + gold.height, sft, sft_ex))
+    store.write_table("balance", balance_table(report))
 
     # -- rl ---------------------------------------------------------------------------------
     rl_df = problems.join(rates.select("problem_id", pl.col("pass_rate").alias("difficulty")), on="problem_id",
@@ -229,9 +239,10 @@ def make_run(root: str | Path) -> Path:
         "source": rl_df["source"], "problem_id": rl_df["problem_id"], "split": rl_df["split"],
     })
     rl_ex = too_easy.with_columns(pl.lit("too_easy").alias("reason"), pl.lit("pass rate 1.0").alias("detail"))
-    store.write_table("rl", rl, rl_ex, _funnel("rl", problems.height, rl, rl_ex))
+    _write(store, "rl", rl, rl_ex, _funnel("rl", problems.height, rl, rl_ex))
 
-    stages = ["problems", "teacher_samples", "imported_samples", "gold_chains", "compressions", "judgments", "sft", "rl"]
+    stages = ["problems", "teacher_samples", "imported_samples", "gold_chains", "compressions", "judgments",
+              "filtered_compressions", "sft", "rl"]
     store.write_table("funnel", build_funnel(store, stages))
 
     recipe = {
@@ -246,12 +257,13 @@ def make_run(root: str | Path) -> Path:
         "compression": {"backend": {"kind": "openai", "model": COMPRESSOR, "base_url": "http://127.0.0.1:9/v1",
                                     "api_key_env": "OPENAI_API_KEY"},
                         "sampling": {"temperature": 0.3, "top_p": 0.95, "max_tokens": 160}, "seed": 2,
-                        "tolerance": 0.2, "one_sided": False, "max_retries": 1,
+                        "max_retries": 1,
                         "budgets": {"mode": "fractions", "fractions": [0.25, 0.5, 0.8]},
                         "prompt_template": "Rewrite to about {{ target }} tokens:\n{{ reasoning }}"},
         "judge": {"backend": {"kind": "vllm", "model": JUDGE}, "sampling": {"temperature": 0.0, "max_tokens": 96},
                   "seed": 3, "min_score": 0.3, "require_complete": True,
                   "prompt_template": "Is it complete?\n{{ compressed }}"},
+        "budget": {"tolerance": 0.2, "one_sided": False},
         "balance": {"n_bins": 3, "target": "uniform", "standard_ratio": 1.0},
         "format": {"budget_template": "Thinking budget: {{ budget }} tokens.", "budget_placement": "system"},
     }

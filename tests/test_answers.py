@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bard_data.answers import answers_equal_batch, extract_answer, normalize_gold, verify
-from bard_data.reasoning import format_think, split_reasoning
+from bard_data.text.answers import answers_equal_batch, extract_answer, normalize_gold, verify
+from bard_data.text.reasoning import format_think, split_reasoning
 
 # ---------------------------------------------------------------------------------------------
 # normalize_gold

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from bard_data.config.llm import OpenAIBackendConfig, VLLMBackendConfig
 from bard_data.errors import BackendError
 from bard_data.llm import make_backend
 from bard_data.llm.base import ChatRequest, SamplingConfig
-from bard_data.llm.config import OpenAIBackendConfig, VLLMBackendConfig
-from tests.servers import VLLMServer as _Server, free_port as _free_port, shared_vllm_server
+from tests.servers import VLLMServer as _Server
+from tests.servers import free_port as _free_port
+from tests.servers import shared_vllm_server
 from tests.servers import vllm_model_dir as vllm_model_dir_for
 
 SECRET = "sk-bard-test-0123456789abcdefSECRET"

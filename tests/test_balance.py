@@ -7,8 +7,7 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from bard_data.balance import (
-    BalanceConfig,
+from bard_data.budget.balance import (
     assign_bins,
     balance,
     bin_labels,
@@ -17,6 +16,7 @@ from bard_data.balance import (
     target_weights,
     total_variation,
 )
+from bard_data.config.budget import BalanceConfig
 from bard_data.errors import RecipeError
 
 POW2 = [64, 128, 256, 512, 1024, 2048, 4096, 8192]

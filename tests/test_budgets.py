@@ -9,13 +9,9 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from bard_data.budgets import (
-    BudgetScheduleConfig,
-    corrected_target,
-    deviation_expr,
-    schedule_budgets,
-    within_tolerance_expr,
-)
+from bard_data.budget.fidelity import corrected_target, deviation_expr, within_tolerance_expr
+from bard_data.budget.schedule import schedule_budgets
+from bard_data.config.budget import BudgetScheduleConfig
 
 
 def chains(lengths: dict[str, int]) -> pl.DataFrame:

@@ -10,15 +10,14 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from bard_data.decontam import (
-    DecontamConfig,
-    DecontamReference,
+from bard_data.config.sources import DecontamConfig, DecontamReference
+from bard_data.errors import RecipeError
+from bard_data.text.decontam import (
     decontaminate,
     load_references,
     normalize_expr,
     normalize_text,
 )
-from bard_data.errors import RecipeError
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:

@@ -28,6 +28,7 @@ def eval_run(tiny_model_dir, shared_data, tmp_path_factory):
         "--model", str(tiny_model_dir), "--data", str(shared_data / "gsm8k" / "test.jsonl"),
         "--budgets", ",".join(map(str, BUDGETS)), "--backend", "transformers", "--out", str(out),
         "--limit", "3", "--max-tokens", "24", "--answer-tokens", "6", "--temperature", "1.0", "--seed", "1",
+        "--tolerance", "0.1", "--one-sided", "false",
     ])
     assert rc == 0
     return out, pl.read_parquet(out / "eval.parquet"), pl.read_parquet(out / "samples.parquet")
@@ -54,7 +55,7 @@ def test_metrics_recomputed_from_samples(eval_run, tiny_model_dir):
     from scipy.stats import spearmanr
     from transformers import AutoTokenizer
 
-    from bard_data.answers import extract_answer, verify
+    from bard_data.text.answers import extract_answer, verify
 
     _, table, samples = eval_run
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -1,5 +1,6 @@
 """Gold selection on key columns, text attached a part at a time and written in several shards
-(large runs), gives the rows one ``select_gold`` over all samples gives."""
+(large runs), gives the rows one ``select_gold`` over all samples gives, through the runner's
+one write path."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from types import SimpleNamespace
 
 import polars as pl
 
+from bard_data.pipeline.runner import run_whole
+from bard_data.pipeline.store import ArtifactStore
 from bard_data.stages import gold
-from bard_data.store import ArtifactStore
 
 
 def _samples(n_problems: int, per: int, origin: str, offset: int) -> pl.DataFrame:
@@ -38,7 +40,8 @@ def _run(tmp_path, name, chunk_bytes, monkeypatch, policy):
     store.write_shard("imported_samples", 1, _samples(1, 1, "imported", 1).clear())  # a part with no rows
     monkeypatch.setattr(gold, "CHUNK_BYTES", chunk_bytes)
     teacher_cfg = SimpleNamespace(gold_policy=policy, min_reasoning_tokens=8, max_reasoning_tokens=25)
-    gold.GoldStage().run(SimpleNamespace(recipe=SimpleNamespace(teacher=teacher_cfg), store=store))
+    ctx = SimpleNamespace(recipe=SimpleNamespace(teacher=teacher_cfg), store=store, on_shard_written=lambda t, i: None)
+    run_whole(ctx, gold.GoldStage())
     return store
 
 
@@ -53,7 +56,11 @@ def test_chunked_selection_equals_one_pass(tmp_path, monkeypatch):
         a, b = one.read("gold_chains"), many.read("gold_chains")
         assert a.height > 0
         assert ref.kept.equals(a)  # same rows, columns and order
-        assert a.equals(b)  # same rows in the same order
+        # The same rows; each part holds the chains of its group of sample parts, in that order.
+        assert a.sort("sample_id").equals(b.sort("sample_id"))
+        for part in many.parts("gold_chains"):
+            chunk = pl.read_parquet(part)
+            assert chunk.equals(chunk.sort("problem_id", maintain_order=True))
         assert ref.excluded.equals(one.read_excluded("gold_chains"))  # one shard: the very same frame
         ea, eb = one.read_excluded("gold_chains"), many.read_excluded("gold_chains")
         key = ["sample_id", "origin"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bard_data.judging import VERDICT_JSON_SCHEMA, Verdict, parse_verdict
+from bard_data.text.verdict import VERDICT_JSON_SCHEMA, Verdict, parse_verdict
 
 
 def V(complete: bool, score: float, steps: list[str] | None = None) -> Verdict:

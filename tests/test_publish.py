@@ -19,10 +19,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from bard_data.publish import CONFIGS, PublishError, export, push, sanitize
-from bard_data.sql import query
-from bard_data.stats import report
-from bard_data.store import ArtifactStore
+from bard_data.pipeline.store import ArtifactStore
+from bard_data.report.publish import CONFIGS, PublishError, export, push, sanitize
+from bard_data.report.sql import query
+from bard_data.report.stats import report
 from tests.fixtures_run import make_run
 from tests.hub_server import HubServer
 

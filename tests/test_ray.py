@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from bard_data.recipe import load_recipe
-from bard_data.runner import run_recipe
+from bard_data.api import run_recipe
+from bard_data.config import load_recipe
 from tests.recipes import tiny_recipe, write_recipe
 from tests.test_pipeline import TABLES, _as_set, _cache_rows, _frames
 

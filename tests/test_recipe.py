@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from bard_data.api import run_recipe
+from bard_data.config import load_recipe
 from bard_data.errors import DataError, RecipeError
-from bard_data.recipe import load_recipe
-from bard_data.runner import run_recipe
 from tests.recipes import tiny_recipe, write_recipe
 
 
@@ -212,3 +212,17 @@ def test_shipped_recipes_validate(name):
         assert not r.traces and r.teacher.samples_per_problem == 4
     else:
         assert r.decontamination is not None
+
+
+def test_readme_stage_table_is_the_registry():
+    """The README's stage table lists the registry's stages, in order, with what each reads and
+    depends on, so the architecture section cannot go stale."""
+    import re
+    from pathlib import Path
+
+    from bard_data.stages import STAGES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \|\s*([\w, ]*?)\s*\|\s*([\w, ]*?)\s*\|$", readme, flags=re.M)
+    listed = [(name, [t for t in reads.split(", ") if t], [t for t in secs.split(", ") if t]) for name, reads, secs in rows]
+    assert listed == [(s.name, list(s.reads), list(s.sections)) for s in STAGES]

@@ -24,11 +24,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from bard_data.cache import CompletionCache
+from bard_data.api import run_recipe
+from bard_data.config import load_recipe
 from bard_data.llm.base import ChatRequest, Completion, SamplingConfig, request_key
-from bard_data.recipe import load_recipe
-from bard_data.runner import run_recipe
-from bard_data.store import ArtifactStore
+from bard_data.llm.cache import CompletionCache
+from bard_data.pipeline.store import ArtifactStore
 from tests.recipes import tiny_recipe, write_recipe
 from tests.servers import RuleServer
 from tests.test_reliability_runs import assert_same_tables, cache_rows, llm_totals
@@ -66,7 +66,7 @@ def test_request_key_changes_with_everything_that_changes_a_request():
 def test_request_key_has_no_room_for_throughput_settings():
     import inspect
 
-    from bard_data.llm.config import OpenAIBackendConfig, TransformersBackendConfig
+    from bard_data.config.llm import OpenAIBackendConfig, TransformersBackendConfig
 
     assert list(inspect.signature(request_key).parameters) == ["model", "request", "sampling", "seed"]
     assert set(SamplingConfig.model_fields) == {"temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "stop"}
@@ -116,7 +116,8 @@ def test_openai_throughput_settings_hit_the_cache(tmp_path, tiny_model_dir, shar
                  **backend}
             d = tiny_recipe(tmp, tiny_model_dir, shared_data, n_problems=4)
             d["teacher"]["backend"] = b
-            d["compression"].update(backend=b, tolerance=1000.0)
+            d["compression"].update(backend=b)
+            d["budget"] = {"tolerance": 1000.0}
             d["judge"]["backend"] = b
             return d
 
@@ -139,7 +140,7 @@ def test_changing_a_request_misses_the_cache(reference, tmp_path, tiny_model_dir
     data = tiny_recipe(tmp_path, tiny_model_dir, shared_data)
     judge = data["judge"]
     if change == "prompt_template":
-        from bard_data.stages.judge import DEFAULT_JUDGE_PROMPT
+        from bard_data.config.stages import DEFAULT_JUDGE_PROMPT
 
         judge["prompt_template"] = DEFAULT_JUDGE_PROMPT + "\nBe strict."
     elif change == "seed":

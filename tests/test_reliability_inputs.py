@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bard_data.api import run_recipe
+from bard_data.config import load_recipe
 from bard_data.errors import BackendError, BardError, DataError, RecipeError
-from bard_data.funnel import check_funnel
-from bard_data.recipe import load_recipe
-from bard_data.runner import run_recipe
+from bard_data.pipeline.funnel import check_funnel
+from bard_data.pipeline.store import ArtifactStore
 from bard_data.stages.problems import MAX_QUESTION_CHARS
 from bard_data.stages.teacher import verify_samples
-from bard_data.store import ArtifactStore
 from tests.recipes import tiny_recipe, write_recipe
 from tests.servers import RuleServer, free_port
 
@@ -203,8 +203,8 @@ def test_unknown_hub_model_offline(tmp_path, good, kind, monkeypatch):
 
 
 def test_unknown_hub_model_offline_when_the_backend_starts(monkeypatch):
+    from bard_data.config.llm import TransformersBackendConfig, VLLMBackendConfig
     from bard_data.llm import make_backend
-    from bard_data.llm.config import TransformersBackendConfig, VLLMBackendConfig
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for cfg in (TransformersBackendConfig(kind="transformers", model="no-such-org/no-such-model-xyz"),
@@ -290,7 +290,8 @@ def test_judge_outputs_not_json_or_wrong_fields_become_judge_unparsable(tmp_path
         backend = {"kind": "openai", "model": "rules", "base_url": srv.base_url, "api_key_env": "BARD_TEST_NO_KEY",
                    "max_retries": 0}
         good["teacher"]["backend"] = backend
-        good["compression"].update(backend=backend, tolerance=1000.0)
+        good["compression"].update(backend=backend)
+        good["budget"] = {"tolerance": 1000.0}
         good["judge"].update(backend=backend, only_answer_preserved=True)
         ctx = run_recipe(load_recipe(write_recipe(tmp_path, good)), quiet=True)
     store = ctx.store
@@ -299,8 +300,8 @@ def test_judge_outputs_not_json_or_wrong_fields_become_judge_unparsable(tmp_path
     unparsable = j.filter(pl.col("verdict") == "unparsable")
     assert unparsable.height == j["parse_error"].is_not_null().sum() > 0
     assert (j.filter(pl.col("parse_error").is_null())["verdict"] == "pass").all()
-    sft_ex = store.read_excluded("sft")
-    dropped = sft_ex.filter(pl.col("reason") == "judge_unparsable")
+    filter_ex = store.read_excluded("filtered_compressions")
+    dropped = filter_ex.filter(pl.col("reason") == "judge_unparsable")
     assert sorted(dropped["compression_id"].to_list()) == sorted(unparsable["compression_id"].to_list())
     budget_rows = store.read("sft").filter(pl.col("kind") == "budget")
     assert budget_rows.height > 0  # the valid verdicts pass

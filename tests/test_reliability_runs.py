@@ -38,10 +38,10 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from bard_data.funnel import check_funnel
-from bard_data.recipe import load_recipe
-from bard_data.runner import run_recipe
-from bard_data.store import ArtifactStore
+from bard_data.api import run_recipe
+from bard_data.config import load_recipe
+from bard_data.pipeline.funnel import check_funnel
+from bard_data.pipeline.store import ArtifactStore
 from tests.faulty_proxy import KINDS, FaultyProxy
 from tests.recipes import tiny_recipe, write_recipe
 from tests.servers import SERVED_NAME, RuleServer, shared_vllm_server, vllm_model_dir
@@ -151,7 +151,7 @@ def reference(tmp_path_factory, tiny_model_dir, shared_data):
 # own process, its own SIGKILL), only without the import time. Bounded: it serves until stdin closes.
 ZYGOTE = r"""
 import faulthandler, json, os, signal, sys, traceback
-import bard_data.cli, bard_data.runner, bard_data.llm.transformers_backend, bard_data.stages.teacher
+import bard_data.cli, bard_data.api, bard_data.llm.transformers_backend, bard_data.stages.teacher
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 (the import cost, paid here)
 # SIGUSR1 prints the main thread's stack to stderr (the child's stderr file after the fork).
 faulthandler.register(signal.SIGUSR1, all_threads=False)
@@ -303,7 +303,7 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path, tiny_model_dir,
     """Two invocations writing one run directory would race on its shards: the second stops with
     one line naming the holder (the lock is ``flock``: a killed holder releases it)."""
     from bard_data.errors import BardError
-    from bard_data.runner import RunLock
+    from bard_data.pipeline.lock import RunLock
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe(tmp_path, tiny_model_dir, shared_data)))
     (tmp_path / "run").mkdir()
@@ -399,7 +399,8 @@ def faulty_recipe(tmp: Path, model: Path, data: Path, base_url: str) -> dict:
     r["teacher"]["sampling"]["max_tokens"] = 12
     # No sampled chain can be gold (a retried teacher row must not create new work downstream).
     r["teacher"]["min_reasoning_tokens"] = 20
-    r["compression"].update(backend=backend, tolerance=1000.0, max_retries=0)
+    r["compression"].update(backend=backend, max_retries=0)
+    r["budget"] = {"tolerance": 1000.0}
     r["judge"]["backend"] = backend
     return r
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from bard_data.answers import verify
 from bard_data.cli import main
-from bard_data.recipe import load_recipe
+from bard_data.config import load_recipe
+from bard_data.errors import BackendError, RecipeError
+from bard_data.text.answers import verify
 from tests.recipes import tiny_recipe, write_recipe
 from tests.servers import RuleServer
 
@@ -81,7 +82,8 @@ def test_tokens_never_reach_files_cards_manifests_logs_or_errors(tmp_path, tiny_
         backend = {"kind": "openai", "model": "rules", "base_url": srv.base_url, "max_retries": 1, "backoff_s": 0.01}
         data = tiny_recipe(tmp_path, tiny_model_dir, shared_data, n_problems=4)
         data["teacher"]["backend"] = backend
-        data["compression"].update(backend=backend, tolerance=1000.0)
+        data["compression"].update(backend=backend)
+        data["budget"] = {"tolerance": 1000.0}
         data["judge"]["backend"] = backend
         recipe = write_recipe(tmp_path, data)
         run_dir = tmp_path / "run"
@@ -118,8 +120,8 @@ def test_tokens_never_reach_files_cards_manifests_logs_or_errors(tmp_path, tiny_
 
 
 def test_trust_remote_code_is_off_unless_the_recipe_sets_it(tmp_path, tiny_model_dir, shared_data):
-    from bard_data.llm.config import TransformersBackendConfig, VLLMBackendConfig
-    from bard_data.recipe import StudentConfig
+    from bard_data.config.llm import TransformersBackendConfig, VLLMBackendConfig
+    from bard_data.config.stages import StudentConfig
 
     assert StudentConfig(tokenizer="x").trust_remote_code is False
     assert TransformersBackendConfig(kind="transformers", model="x").trust_remote_code is False
@@ -134,10 +136,10 @@ def test_backends_and_tokenizer_pass_trust_remote_code_through(monkeypatch, tmp_
                                                                trust):
     import transformers
 
-    from bard_data.llm.config import TransformersBackendConfig, VLLMBackendConfig
+    from bard_data.config.llm import TransformersBackendConfig, VLLMBackendConfig
     from bard_data.llm.transformers_backend import TransformersLLM
     from bard_data.llm.vllm_backend import engine_kwargs_for
-    from bard_data.runner import RunContext
+    from bard_data.pipeline.context import RunContext
 
     seen = []
 
@@ -153,12 +155,12 @@ def test_backends_and_tokenizer_pass_trust_remote_code_through(monkeypatch, tmp_
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record("tokenizer"))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record("model"))
     cfg = TransformersBackendConfig(kind="transformers", model=str(tiny_model_dir), trust_remote_code=trust)
-    with pytest.raises(Exception):
+    with pytest.raises(BackendError, match="Stop"):
         TransformersLLM(cfg.model, cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = tiny_recipe(tmp_path, tiny_model_dir, shared_data)
     data["student"]["trust_remote_code"] = trust
     ctx = RunContext(load_recipe(write_recipe(tmp_path, data)), tmp_path / "run")
-    with pytest.raises(Exception):
+    with pytest.raises(RecipeError, match="cannot load tokenizer"):
         ctx.tokenizer
     assert seen == [("tokenizer", trust), ("tokenizer", trust)]
     vcfg = VLLMBackendConfig(kind="vllm", model="x", trust_remote_code=trust)

@@ -12,16 +12,17 @@ import pickle
 import pytest
 from pydantic import ValidationError
 
+from bard_data.budget.fidelity import fidelity_metrics
+from bard_data.config.budget import BudgetConfig
 from bard_data.rewards import (
     REWARDS,
     RewardConfig,
     TokenCounter,
+    accuracy_reward,
     additive_reward,
     bard_reward,
-    budget_metrics,
     budget_reward,
     budget_score,
-    accuracy_reward,
     completion_text,
     get_reward,
 )
@@ -40,8 +41,12 @@ def conv(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
+# The formula's cases below are written for a 10% one-sided tolerance (each case may override it).
+BASE = {"tolerance": 0.1, "one_sided": True}
+
+
 def bud(n: int, b, **cfg) -> float:
-    return budget_reward(None, [think(n)], tokenizer=WS, config=cfg, budget=[b])[0]
+    return budget_reward(None, [think(n)], tokenizer=WS, config={**BASE, **cfg}, budget=[b])[0]
 
 
 # ------------------------------------------------------------------------------------------ R_acc
@@ -108,32 +113,61 @@ def test_budget_reward(n, b, cfg, expected):
 
 
 def test_budget_score_matches_reward():
-    cfg = RewardConfig(alpha=1.5, shape="linear")
+    cfg = RewardConfig(alpha=1.5, shape="linear", **BASE)
     assert budget_score(30, 20, cfg) == pytest.approx(1 - 1.5 * 0.4, **EXACT)
-    assert budget_score(30, 0, cfg) == 1.0  # a non-positive budget is no budget
+    with pytest.raises(ValueError, match="positive"):
+        budget_score(30, 0, cfg)  # a zero budget is a data error, not "no budget"
+    with pytest.raises(ValueError, match="not positive"):
+        budget_reward(None, [think(3)], tokenizer=WS, budget=[0])
+
+
+def test_defaults_are_the_budget_sections():
+    """One definition of fidelity: the reward's defaults are the recipe's (and a trainer passes the
+    dataset's own values)."""
+    assert RewardConfig().tolerance == BudgetConfig().tolerance
+    assert RewardConfig().one_sided == BudgetConfig().one_sided
 
 
 def test_missing_close_tag_counts_to_the_end():
     words = " ".join(["w"] * 15)
+    kw = dict(tokenizer=WS, config=BASE, budget=[10])
     # unclosed think and a plain completion both count every word as reasoning
-    assert budget_reward(None, [f"<think>\n{words}"], tokenizer=WS, budget=[10]) == [pytest.approx(0.6, **EXACT)]
-    assert budget_reward(None, [words], tokenizer=WS, budget=[10]) == [pytest.approx(0.6, **EXACT)]
+    assert budget_reward(None, [f"<think>\n{words}"], **kw) == [pytest.approx(0.6, **EXACT)]
+    assert budget_reward(None, [words], **kw) == [pytest.approx(0.6, **EXACT)]
     # the answer after </think> is not reasoning
-    assert budget_reward(None, [f"<think>\nw w\n</think>\n\n{words}"], tokenizer=WS, budget=[10]) == [1.0]
+    assert budget_reward(None, [f"<think>\nw w\n</think>\n\n{words}"], **kw) == [1.0]
 
 
 def test_budget_from_prompt_when_no_column():
     prompt = [{"role": "system", "content": "Thinking budget: 10 tokens."}, {"role": "user", "content": "q"}]
-    assert budget_reward([prompt], [think(15)], tokenizer=WS) == [pytest.approx(0.6, **EXACT)]
+    assert budget_reward([prompt], [think(15)], tokenizer=WS, config=BASE) == [pytest.approx(0.6, **EXACT)]
+
+
+def test_budget_from_prompt_in_the_datasets_wording():
+    """The parser comes from the dataset's template and placement, not from one regex."""
+    cfg = {**BASE, "budget_template": "Think for at most {{ budget }} tokens, then answer.",
+           "budget_placement": "user_suffix"}
+    prompt = [{"role": "user", "content": "What is 6 x 7?\n\nThink for at most 10 tokens, then answer."}]
+    assert budget_reward([prompt], [think(15)], tokenizer=WS, config=cfg) == [pytest.approx(0.6, **EXACT)]
+    # The default wording is not looked for in a dataset that uses another one: an error, not R_bud = 1.
+    default = [{"role": "system", "content": "Thinking budget: 10 tokens."}, {"role": "user", "content": "q"}]
+    with pytest.raises(ValueError, match="row 0: no budget column and the prompt states no budget"):
+        budget_reward([default], [think(15)], tokenizer=WS, config=cfg)
+
+
+def test_prompt_without_budget_is_an_error():
+    with pytest.raises(ValueError, match="states no budget"):
+        budget_reward([[{"role": "user", "content": "q"}]], [think(15)], tokenizer=WS)
 
 
 def test_conversational_completions():
-    assert budget_reward(None, [conv(think(15))], tokenizer=WS, budget=[10]) == [pytest.approx(0.6, **EXACT)]
+    kw = dict(tokenizer=WS, config=BASE, budget=[10])
+    assert budget_reward(None, [conv(think(15))], **kw) == [pytest.approx(0.6, **EXACT)]
     assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) == "ab"
 
 
 def test_completion_ids_path_with_tag_ids():
-    cfg = {"think_open_id": 1, "think_close_id": 2}
+    cfg = {"think_open_id": 1, "think_close_id": 2, **BASE}
     closed = [1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 2, 9, 9]     # 15 reasoning ids
     unclosed = [1] + [7] * 15                                              # runs to the end
     r = budget_reward(None, ["ignored", "ignored"], [closed, unclosed], config=cfg, budget=[10, 10])
@@ -149,8 +183,8 @@ def test_completion_ids_agree_with_text(tiny_model_dir):
     texts = [think(12), "<think>\nLet x be 3 plus 4, so x = 7.", "no tags at all here 7"]
     ids = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
     counter = TokenCounter(tok)
-    from_ids, closed_ids = counter.lengths(texts, ids)
-    from_text, closed_text = counter.lengths(texts)
+    from_ids, closed_ids = counter.reasoning_tokens(texts, ids)
+    from_text, closed_text = counter.reasoning_tokens(texts)
     assert from_ids == from_text
     assert closed_ids == closed_text == [True, False, False]
     assert all(n > 0 for n in from_text)
@@ -166,20 +200,21 @@ def test_counting_needs_ids_or_tokenizer():
 
 def test_bard_is_product():
     comps = [think(10), think(15), think(5, "\\boxed{1}"), think(40)]
-    r = bard_reward(None, comps, tokenizer=WS, solution=["72"] * 4, budget=[10] * 4)
+    r = bard_reward(None, comps, tokenizer=WS, config=BASE, solution=["72"] * 4, budget=[10] * 4)
     assert r == pytest.approx([1.0, 0.6, 0.0, 0.0], **EXACT)
 
 
 def test_additive_is_sum():
     comps = [think(10), think(15), think(5, "\\boxed{1}"), think(40)]
-    r = additive_reward(None, comps, tokenizer=WS, solution=["72"] * 4, budget=[10] * 4)
+    r = additive_reward(None, comps, tokenizer=WS, config=BASE, solution=["72"] * 4, budget=[10] * 4)
     assert r == pytest.approx([2.0, 1.6, 1.0, 1.0], **EXACT)
 
 
 def test_reward_hacking_case():
-    """A short wrong answer: nothing under R_acc x R_bud, a full R_bud under R_acc + R_bud."""
+    """A short wrong answer: nothing under R_acc x R_bud, a full R_bud under R_acc + R_bud
+    (with a one-sided budget, where thinking less is never penalized)."""
     short_wrong = [think(1, "\\boxed{0}")]
-    kw = dict(tokenizer=WS, solution=["72"], budget=[1000])
+    kw = dict(tokenizer=WS, config=BASE, solution=["72"], budget=[1000])
     assert bard_reward(None, short_wrong, **kw) == [0.0]
     assert additive_reward(None, short_wrong, **kw)[0] > 0
     assert additive_reward(None, short_wrong, **kw) == [1.0]
@@ -190,7 +225,7 @@ def test_reward_hacking_case():
 
 def test_registry_names_and_config():
     assert set(REWARDS) == {"accuracy", "budget", "bard", "additive"}
-    f = get_reward("bard", tokenizer=WS, alpha=0.5)
+    f = get_reward("bard", tokenizer=WS, alpha=0.5, **BASE)
     assert f.__name__ == "bard"
     assert f(None, [think(15)], solution=["72"], budget=[10]) == [pytest.approx(0.8, **EXACT)]
     assert get_reward("r_bud", tokenizer=WS).__name__ == "r_bud"
@@ -220,9 +255,10 @@ def test_trl_log_metric_hook():
 # ----------------------------------------------------------------------------------------- metrics
 
 
-def test_budget_metrics_exact():
+def test_fidelity_metrics_exact():
     comps = [think(10), think(15), think(5), think(11), "<think>\n" + " ".join(["w"] * 7)]
-    m = budget_metrics(comps, [10, 10, 10, 10, None], tokenizer=WS, tolerance=0.1)
+    lengths, closed = TokenCounter(WS).reasoning_tokens(comps)
+    m = fidelity_metrics(lengths, [10, 10, 10, 10, None], tolerance=0.1, one_sided=False, closed=closed)
     assert m["deviation_mean"] == pytest.approx((0 + 0.5 + 0.5 + 0.1) / 4, **EXACT)
     assert m["deviation_signed_mean"] == pytest.approx((0 + 0.5 - 0.5 + 0.1) / 4, **EXACT)
     assert m["within_tolerance"] == 0.5
@@ -230,9 +266,11 @@ def test_budget_metrics_exact():
     assert m["undershoot"] == 0.25
     assert m["reasoning_tokens_mean"] == pytest.approx((10 + 15 + 5 + 11 + 7) / 5, **EXACT)
     assert m["think_closed"] == 0.8
+    # One-sided: the short one (5 for 10) is within the budget.
+    assert fidelity_metrics(lengths, [10, 10, 10, 10, None], 0.1, True)["within_tolerance"] == 0.75
 
 
-def test_budget_metrics_no_budgets_are_nan():
-    m = budget_metrics([think(3)], [None], tokenizer=WS)
+def test_fidelity_metrics_no_budgets_are_nan():
+    m = fidelity_metrics([3], [None], tolerance=0.1, one_sided=False)
     assert math.isnan(m["deviation_mean"]) and math.isnan(m["within_tolerance"])
     assert m["reasoning_tokens_mean"] == 3.0

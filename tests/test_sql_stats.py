@@ -12,11 +12,13 @@ import shutil
 import polars as pl
 import pytest
 
+from bard_data.budget.balance import total_variation
 from bard_data.cli import main
 from bard_data.errors import BardError
-from bard_data.sql import NotADatasetError, SQLSyntaxError, UnknownTableError, connect, query, views
-from bard_data.stats import PARTS, report, shipped_queries
-from bard_data.store import ArtifactStore
+from bard_data.pipeline.store import ArtifactStore
+from bard_data.report.catalog import PARTS, shipped_queries
+from bard_data.report.sql import NotADatasetError, SQLSyntaxError, UnknownTableError, connect, query, views
+from bard_data.report.stats import report
 from tests.fixtures_run import EDGES, LABELS, make_run
 
 
@@ -59,7 +61,7 @@ def test_queries_return_exact_counts(run_dir, store):
     # excluded: every dropped row of every stage, tagged with its stage
     ex = query(run_dir, "SELECT stage, reason, count(*) AS n FROM excluded GROUP BY ALL ORDER BY ALL")
     want = []
-    for stage in ("gold_chains", "problems", "rl", "sft"):
+    for stage in ("filtered_compressions", "gold_chains", "problems", "rl", "sft"):
         df = store.read_excluded(stage)
         want += [(stage, r, n) for r, n in df.group_by("reason").len().sort("reason").iter_rows()]
     assert list(ex.iter_rows()) == sorted(want)
@@ -189,7 +191,11 @@ def test_report_funnel_and_sizes(rep, store):
 
 
 def test_report_budget_histogram(rep, store):
-    info = store.done_info("sft")["balance"]
+    bal = store.read("balance")  # the sft stage's balance report, one row per bin
+    info = {"before": dict(zip(bal["bin"], bal["before"])), "after": dict(zip(bal["bin"], bal["after"]))}
+    target = bal["target"].to_list()
+    info["tv_before"] = total_variation(bal["before"].to_list(), target)
+    info["tv_after"] = total_variation(bal["after"].to_list(), target)
     h = rep["budget_histogram"]
     assert h["bin"].to_list() == LABELS
     assert h["before"].to_list() == [info["before"][lab] for lab in LABELS]
@@ -285,7 +291,7 @@ def test_compression_bins_without_a_balance_report(run_dir, store, tmp_path):
     """Before balancing (or when no compression survived), bins are powers of two."""
     early = tmp_path / "early"
     shutil.copytree(run_dir, early)
-    (early / "sft" / "_SUCCESS").write_text("{}")
+    shutil.rmtree(early / "balance")
     rep = report(early)
     assert rep["budget_histogram"].height == 0 and rep["balance_summary"].height == 0
     by_bin = rep["compression_by_bin"]

@@ -7,8 +7,8 @@ import json
 import polars as pl
 import pytest
 
-from bard_data.recipe import load_recipe
-from bard_data.runner import run_recipe
+from bard_data.api import run_recipe
+from bard_data.config import load_recipe
 from tests.recipes import tiny_recipe, write_recipe
 
 PROBLEMS = [

@@ -116,9 +116,26 @@ def train_main(parse_args, build_trainer, argv=None) -> int:
     trainer = build_trainer(script_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        save_prompt_format(script_args.dataset_name, training_args.output_dir)
     print(f"saved to {training_args.output_dir}")
     end_trainer(trainer)
     return 0
+
+
+def save_prompt_format(dataset_name: str, output_dir: str) -> None:
+    """Beside the trained model, the prompt format and budget fidelity of the data it was trained
+    on, so ``bard-data eval`` prompts it the way it was trained without being told."""
+    import json
+
+    from bard_data.report.published import build_info
+
+    info = build_info(dataset_name)
+    if info:
+        out = Path(output_dir) / "bard_prompt_format.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**info["prompt_format"], "dataset": str(dataset_name)}, indent=2) + "\n",
+                       encoding="utf-8")
 
 
 def prepare_model_args(script_args, training_args, model_args):

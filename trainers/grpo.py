@@ -46,9 +46,11 @@ class GRPOScriptArguments(ScriptArguments):
         default_factory=lambda: ["bard", "accuracy", "budget"],
         metadata={"help": "reward names from bard_data.rewards.REWARDS: bard, accuracy, budget, additive"},
     )
-    reward_tolerance: float = field(default=0.1, metadata={"help": "R_bud = 1 within this relative deviation"})
+    reward_tolerance: Optional[float] = field(
+        default=None, metadata={"help": "R_bud = 1 within this relative deviation (default: the dataset's budget.tolerance)"})
     reward_alpha: float = field(default=1.0, metadata={"help": "R_bud decay rate beyond the tolerance"})
-    reward_one_sided: bool = field(default=True, metadata={"help": "only overshoot is penalized"})
+    reward_one_sided: Optional[bool] = field(
+        default=None, metadata={"help": "only overshoot is penalized (default: the dataset's budget.one_sided)"})
     reward_shape: str = field(default="linear", metadata={"help": "R_bud decay: linear or exp"})
     log_budget_metrics: bool = field(default=True, metadata={"help": "log budget/* fidelity metrics"})
     difficulty_min: Optional[float] = field(default=None, metadata={"help": "keep rows with difficulty >= this"})
@@ -101,18 +103,30 @@ def load_rl_dataset(script_args: GRPOScriptArguments):
 
 
 def build_rewards(script_args: GRPOScriptArguments, tokenizer) -> list:
+    """The configured rewards; budget fidelity (tolerance, one-sided) and the budget statement
+    are the dataset's (what it was built and filtered with) unless the config overrides them."""
+    from bard_data.report.published import budget_config, build_info, format_config
     from bard_data.rewards import get_reward
 
     if not script_args.reward_funcs:
         raise ValueError("reward_funcs is empty")
     if script_args.reward_shape not in ("linear", "exp"):
         raise ValueError(f"reward_shape must be linear or exp, got {script_args.reward_shape!r}")
+    info = build_info(script_args.dataset_name)
+    if not info:
+        log.warning("%s: no bard_data build information; the reward uses the default tolerance and budget "
+                    "statement", script_args.dataset_name)
+    bud = budget_config(info, tolerance=script_args.reward_tolerance, one_sided=script_args.reward_one_sided)
+    fmt = format_config(info)
     cfg = dict(
-        tolerance=script_args.reward_tolerance,
+        tolerance=bud.tolerance,
         alpha=script_args.reward_alpha,
-        one_sided=script_args.reward_one_sided,
+        one_sided=bud.one_sided,
         shape=script_args.reward_shape,
+        budget_template=fmt.budget_template,
+        budget_placement=fmt.budget_placement,
     )
+    log.info("R_bud: tolerance %s, one_sided %s (%s)", bud.tolerance, bud.one_sided, info.get("source", "defaults"))
     return [
         get_reward(name, tokenizer=tokenizer, log_budget_metrics=script_args.log_budget_metrics and i == 0, **cfg)
         for i, name in enumerate(script_args.reward_funcs)

@@ -10,24 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from bard_data.config.llm import SamplingConfig
 
 Message = dict[str, str]
 
 
-class SamplingConfig(BaseModel):
-    """Sampling parameters; all of them are part of the cache key."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float = Field(0.6, ge=0.0, description="0 = greedy")
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(-1, description="-1 = off")
-    max_tokens: int = Field(1024, gt=0, description="completion token limit")
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    stop: list[str] = Field(default_factory=list)
+def chat_messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return msgs + [{"role": "user", "content": user}]
 
 
 @dataclass(frozen=True)
@@ -146,7 +138,7 @@ class CachedLLM:
     """
 
     backend: LLM
-    cache: "Any"  # bard_data.cache.CompletionCache
+    cache: "Any"  # bard_data.llm.cache.CompletionCache
     stats: LLMStats = field(default_factory=LLMStats)
 
     @property
@@ -193,5 +185,3 @@ class CachedLLM:
     def close(self) -> None:
         self.backend.close()
 
-
-FinishReason = Literal["stop", "length", "error"]

@@ -329,7 +329,7 @@ def shared_engine(model: str, model_path: str | None = None, cfg=None, **overrid
     ``cfg`` is a ``VLLMBackendConfig`` (built from ``overrides`` when omitted). vLLM cannot hold
     two in-process engines at once cheaply, so a different config closes the previous engine.
     """
-    from bard_data.llm.config import VLLMBackendConfig
+    from bard_data.config.llm import VLLMBackendConfig
 
     if cfg is None:
         cfg = VLLMBackendConfig(kind="vllm", model=model, **overrides)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import polars as pl
 
-from bard_data.stages.base import BackgroundWriter, ShardResult, Stage, concat_excluded, excluded_rows
+from bard_data.pipeline.stage import ShardResult, Stage, concat_excluded, excluded_rows
 
 GOLD_COLUMNS = [
     "sample_id", "problem_id", "source", "origin", "model", "question", "gold_answer",
@@ -27,27 +27,18 @@ EXCLUDED_TEXT = ("prompt", "completion", "reasoning", "response")
 
 
 # Samples are selected on their key columns, then streamed a part at a time; the output gets one
-# shard per this many bytes of samples (uncompressed, as Parquet reports it), so the excluded rows
-# held in memory stay bounded at any scale (all_samples of a 1.3M-compression build at real text
-# lengths is ~100 GB).
+# shard per this many bytes of samples (uncompressed, as Parquet reports it), so the rows held in
+# memory stay bounded at any scale (all_samples of a 1.3M-compression build at real text lengths
+# is ~100 GB).
 CHUNK_BYTES = 256 << 20
 
 
 def all_samples(store, columns: Optional[list[str]] = None) -> pl.DataFrame:
     """Sampled and imported traces in one frame; ``columns``: read only these (e.g. for pass
     rates), which skips the text columns."""
-    frames = [store.read(t) if columns is None else _read_columns(store.parts(t), columns)
-              for t in SAMPLE_TABLES if store.exists(t)]
+    frames = [store.read(t, columns) for t in SAMPLE_TABLES if store.exists(t)]
     if not frames:
         raise FileNotFoundError("no teacher samples: enable the teacher or list traces in the recipe")
-    return pl.concat(frames, how="diagonal_relaxed")
-
-
-def _read_parts(paths: list[Path], columns: Optional[list[str]] = None) -> pl.DataFrame:
-    """``ArtifactStore.read`` over some of a table's parts (zero-column parts of empty shards
-    are skipped, the rest concatenated diagonally)."""
-    frames = [pl.read_parquet(p, columns=columns) for p in paths]
-    frames = [f for f in frames if f.width] or frames[:1]
     return pl.concat(frames, how="diagonal_relaxed")
 
 
@@ -58,17 +49,14 @@ def _compact(df: pl.DataFrame) -> pl.DataFrame:
     return pl.from_arrow(df.to_arrow())
 
 
-def _read_columns(paths: list[Path], columns: list[str]) -> pl.DataFrame:
+def _read_columns(path: Path, columns: list[str]) -> pl.DataFrame:
+    """The ``columns`` one part has (an empty shard's part may have none)."""
     import pyarrow.parquet as pq
 
-    keep = []
-    for p in paths:
-        names = pq.read_schema(p).names
-        if names:
-            keep.append((p, [c for c in columns if c in names]))
-    if not keep:
+    names = pq.read_schema(path).names
+    if not names:
         return pl.DataFrame(schema={c: pl.Null for c in columns})
-    return pl.concat([pl.read_parquet(p, columns=cols) for p, cols in keep], how="diagonal_relaxed")
+    return pl.read_parquet(path, columns=[c for c in columns if c in names])
 
 
 def pass_rates(samples: pl.DataFrame) -> pl.DataFrame:
@@ -150,141 +138,99 @@ def _parts_info(store) -> list[_Part]:
 
 
 class GoldStage(Stage):
-    table = "gold_chains"
-    requires = ("problems",)
+    name = "gold_chains"
+    reads = ("problems", "teacher_samples", "imported_samples")
+    sections = ("teacher",)
 
-    def run(self, ctx) -> None:
+    def run(self, ctx) -> Iterator[ShardResult]:
         t = ctx.recipe.teacher
         policy = t.gold_policy if t else "shortest"
         args = (policy, t.min_reasoning_tokens if t else 1, t.max_reasoning_tokens if t else None)
-        self._run(ctx.store, _parts_info(ctx.store), args)
+        return select_gold_parts(ctx.store, _parts_info(ctx.store), args)
 
-    def _run(self, store, parts: list[_Part], args) -> None:
-        """``select_gold`` over all samples, with bounded memory and one read of each part.
 
-        The choice is made on the key columns of every sample (``_decide``). Then each part is
-        read once, whole, and its rows split into gold chains and excluded rows. The output has
-        ``ceil(sample bytes / CHUNK_BYTES)`` shards: gold chains in their global order (the
-        order of one ``select_gold``) cut into equal slices; excluded rows by consecutive groups
-        of parts, each group in ``select_gold``'s excluded order. With one shard the table and
-        the excluded rows are exactly one ``select_gold``'s.
-        """
-        from bard_data.store import EXCLUDED_ZSTD_LEVEL, atomic_write_json, atomic_write_parquet
+def select_gold_parts(store, parts: list[_Part], args) -> Iterator[ShardResult]:
+    """``select_gold`` over all samples, with bounded memory and one read of each part.
 
-        if not parts:
-            raise FileNotFoundError("no teacher samples: enable the teacher or list traces in the recipe")
-        table = self.table
-        # Global schema of the samples (columns and types of the diagonal concat of all parts).
-        template = pl.concat([pl.DataFrame(schema=pl.read_parquet_schema(p.path)) for p in parts],
-                             how="diagonal_relaxed")
-        keys = pl.concat(
-            [_read_columns([p.path], KEY_COLUMNS).with_columns(pl.lit(i, pl.UInt32).alias("_part"))
-             .with_row_index("_row") for i, p in enumerate(parts)],
-            how="diagonal_relaxed",
-        )
-        missing = [c for c in KEY_COLUMNS if c not in keys.columns]
-        if missing:
-            keys = keys.with_columns(*(pl.lit(None, template.schema.get(c, pl.Utf8)).alias(c) for c in missing))
-        keys = keys.with_columns(*(pl.col(c).cast(template.schema[c]) for c in KEY_COLUMNS if c in template.columns))
-        problems = _read_columns(store.parts("problems"), ["problem_id", "question"])
-        problems = problems.unique("problem_id", keep="first", maintain_order=True) \
-            if problems["problem_id"].is_duplicated().any() else problems
-        qidx = problems.select("problem_id").with_row_index("_q")
-        chosen, excluded = _decide(keys, *args)
-        # Per sample row: where it goes (_rank among the gold chains, or _xrank among the excluded).
-        extra = ["n_samples", "n_correct", "pass_rate"]
-        dec = pl.concat([
-            chosen.select("_part", "_row", *extra, pl.int_range(pl.len(), dtype=pl.Int64).alias("_rank"),
-                          pl.lit(None, pl.Utf8).alias("reason"), pl.lit(None, pl.Utf8).alias("detail"),
-                          pl.lit(None, pl.Int64).alias("_xrank"), "problem_id"),
-            (excluded if excluded is not None else chosen.clear().with_columns(
-                pl.lit(None, pl.Utf8).alias("reason"), pl.lit(None, pl.Utf8).alias("detail")))
-            .select("_part", "_row", *extra, pl.lit(None, pl.Int64).alias("_rank"), "reason", "detail",
-                    pl.int_range(pl.len(), dtype=pl.Int64).alias("_xrank"), "problem_id"),
-        ], how="vertical_relaxed")
-        dec = dec.join(qidx, on="problem_id", how="left").drop("problem_id").sort("_part", "_row")
-        n_kept, rows_total = chosen.height, keys.height
-        del chosen, excluded, keys
-        by_part = dec.partition_by("_part", as_dict=True, include_key=False)
-        del dec
-        questions = problems["question"]
+    The choice is made on the key columns of every sample (``_decide``). Then each part is read
+    once, whole, and its rows split into gold chains and excluded rows. The parts are cut into
+    ``ceil(sample bytes / CHUNK_BYTES)`` groups of consecutive parts (about equal bytes); each
+    group gives one output part: its gold chains in the order of one ``select_gold`` and its
+    excluded rows. With one group the table and the excluded rows are exactly one
+    ``select_gold``'s.
+    """
+    if not parts:
+        raise FileNotFoundError("no teacher samples: enable the teacher or list traces in the recipe")
+    # Global schema of the samples (columns and types of the diagonal concat of all parts).
+    template = pl.concat([pl.DataFrame(schema=pl.read_parquet_schema(p.path)) for p in parts],
+                         how="diagonal_relaxed")
+    keys = pl.concat(
+        [_read_columns(p.path, KEY_COLUMNS).with_columns(pl.lit(i, pl.UInt32).alias("_part"))
+         .with_row_index("_row") for i, p in enumerate(parts)],
+        how="diagonal_relaxed",
+    )
+    missing = [c for c in KEY_COLUMNS if c not in keys.columns]
+    if missing:
+        keys = keys.with_columns(*(pl.lit(None, template.schema.get(c, pl.Utf8)).alias(c) for c in missing))
+    keys = keys.with_columns(*(pl.col(c).cast(template.schema[c]) for c in KEY_COLUMNS if c in template.columns))
+    problems = store.read("problems", ["problem_id", "question"])
+    problems = problems.unique("problem_id", keep="first", maintain_order=True) \
+        if problems["problem_id"].is_duplicated().any() else problems
+    qidx = problems.select("problem_id").with_row_index("_q")
+    chosen, excluded = _decide(keys, *args)
+    # Per sample row: where it goes (_rank among the gold chains, or _xrank among the excluded).
+    extra = ["n_samples", "n_correct", "pass_rate"]
+    dec = pl.concat([
+        chosen.select("_part", "_row", *extra, pl.int_range(pl.len(), dtype=pl.Int64).alias("_rank"),
+                      pl.lit(None, pl.Utf8).alias("reason"), pl.lit(None, pl.Utf8).alias("detail"),
+                      pl.lit(None, pl.Int64).alias("_xrank"), "problem_id"),
+        (excluded if excluded is not None else chosen.clear().with_columns(
+            pl.lit(None, pl.Utf8).alias("reason"), pl.lit(None, pl.Utf8).alias("detail")))
+        .select("_part", "_row", *extra, pl.lit(None, pl.Int64).alias("_rank"), "reason", "detail",
+                pl.int_range(pl.len(), dtype=pl.Int64).alias("_xrank"), "problem_id"),
+    ], how="vertical_relaxed")
+    dec = dec.join(qidx, on="problem_id", how="left").drop("problem_id").sort("_part", "_row")
+    del chosen, excluded, keys
+    by_part = dec.partition_by("_part", as_dict=True, include_key=False)
+    del dec
+    questions = problems["question"]
 
-        total_bytes = sum(p.bytes for p in parts)
-        n = max(1, math.ceil(total_bytes / CHUNK_BYTES))
-        n = min(n, max(1, len(parts)))
-        per_kept = max(1, math.ceil(n_kept / n))
-        cum = 0
-        group_of = []  # shard of each part's excluded rows: consecutive parts, ~equal bytes
-        for p in parts:
-            group_of.append(min(n - 1, int(cum * n // max(total_bytes, 1))))
-            cum += p.bytes
-        for i in store.shard_indices(table):
-            store.remove_shard(table, i)
-        store.unmark_done(table)
-        (store.table_dir(table) / "_layout.json").unlink(missing_ok=True)
-
-        cur_g = 0
-        kept_buf: list[pl.DataFrame] = []
+    total_bytes = sum(p.bytes for p in parts)
+    n = min(max(1, math.ceil(total_bytes / CHUNK_BYTES)), max(1, len(parts)))
+    groups: list[list[int]] = [[] for _ in range(n)]  # consecutive parts, ~equal bytes
+    cum = 0
+    for i, p in enumerate(parts):
+        groups[min(n - 1, int(cum * n // max(total_bytes, 1)))].append(i)
+        cum += p.bytes
+    ex_cols = [c for c in template.columns if c not in EXCLUDED_TEXT] + ["question", *extra, "reason", "detail"]
+    empty = template.with_columns(pl.lit(None, pl.Utf8).alias("question"), pl.lit(None, pl.UInt32).alias("n_samples"),
+                                  pl.lit(None, pl.Int64).alias("n_correct"), pl.lit(None, pl.Float64).alias("pass_rate"),
+                                  pl.lit(None, pl.Int64).alias("_rank")).select(*GOLD_COLUMNS, "_rank")
+    for group in groups:
+        kept_buf: list[pl.DataFrame] = [empty]
         ex_buf: list[pl.DataFrame] = []
-        counts = [{"rows_in": 0, "dropped": {}} for _ in range(n)]
-        ex_cols = [c for c in template.columns if c not in EXCLUDED_TEXT] + ["question", *extra, "reason", "detail"]
-
-        with BackgroundWriter() as writer:
-            def flush_excluded(g: int) -> None:
-                if ex_buf:
-                    ex = pl.concat(ex_buf, how="vertical_relaxed", rechunk=False)
-                    ex_buf.clear()
-                    # One shard: exactly select_gold's order. Several: the parts' order (the
-                    # order of excluded rows across shards is not one select_gold's anyway).
-                    ex = (ex.sort("_xrank") if n == 1 else ex).drop("_xrank")
-                    for reason, k in ex.group_by("reason", maintain_order=True).len().iter_rows():
-                        counts[g]["dropped"][str(reason)] = counts[g]["dropped"].get(str(reason), 0) + int(k)
-                    writer.submit(atomic_write_parquet, store.excluded_path(table, g), ex, EXCLUDED_ZSTD_LEVEL)
-
-            for i, p in enumerate(parts):
-                d = by_part.get((i,))
-                # Only what the gold chains and the excluded rows keep (not prompt/completion).
-                names = set(pl.read_parquet_schema(p.path))
-                df = pl.read_parquet(p.path, columns=[c for c in template.columns if c in names and (
-                    c in GOLD_COLUMNS or c not in EXCLUDED_TEXT)])
-                if df.height == 0:
-                    continue
-                if d is None or d.height != df.height:  # every row has exactly one decision
-                    raise RuntimeError(f"gold selection: decisions do not cover {p.path}")
-                df = pl.concat([template, df], how="diagonal_relaxed")
-                df = df.with_columns(questions.gather(d["_q"]).alias("question"), *(d[c] for c in extra),
-                                     d["reason"], d["detail"], d["_rank"], d["_xrank"])
-                g = group_of[i]
-                if g != cur_g:
-                    flush_excluded(cur_g)
-                    cur_g = g
-                counts[g]["rows_in"] += df.height
-                is_kept = pl.col("_rank").is_not_null()
-                kept = df.filter(is_kept).select(*GOLD_COLUMNS, "_rank")
-                if kept.height:
-                    kept_buf.append(_compact(kept))
-                ex = df.filter(~is_kept)
-                if ex.height:
-                    ex_buf.append(ex.select(*ex_cols, "_xrank"))
-            flush_excluded(cur_g)
-            del by_part
-
-            empty = template.with_columns(pl.lit(None, pl.Utf8).alias("question"), pl.lit(None, pl.UInt32).alias("n_samples"),
-                                          pl.lit(None, pl.Int64).alias("n_correct"), pl.lit(None, pl.Float64).alias("pass_rate"),
-                                          pl.lit(None, pl.Int64).alias("_rank")).select(*GOLD_COLUMNS, "_rank")
-            kept_all = pl.concat([empty, *kept_buf], how="vertical_relaxed", rechunk=False)
-            kept_buf.clear()
-            order = kept_all["_rank"].arg_sort()  # each shard gathered on its own: one copy at a time
-            kept_all = kept_all.drop("_rank")
-            for g in range(n):
-                kept = kept_all[order.slice(g * per_kept, per_kept)]
-                funnel = {"stage": table, "shard": g, "rows_in": counts[g]["rows_in"], "rows_out": kept.height,
-                          "added": 0, "dropped": counts[g]["dropped"], "counters": {}}
-                atomic_write_json(store.funnel_path(table, g), funnel)
-                if g % 2:  # two shards compressed at a time: this one here, the one before in the writer
-                    atomic_write_parquet(store.part_path(table, g), kept)
-                else:
-                    writer.submit(atomic_write_parquet, store.part_path(table, g), kept)
-        layout = {"shards": n, "rows": rows_total, "unit": "parts of the samples", "chunk_bytes": CHUNK_BYTES}
-        atomic_write_json(store.table_dir(table) / "_layout.json", layout)
-        store.mark_done(table)
+        rows_in = 0
+        for i in group:
+            p, d = parts[i], by_part.pop((i,), None)
+            # Only what the gold chains and the excluded rows keep (not prompt/completion).
+            names = set(pl.read_parquet_schema(p.path))
+            df = pl.read_parquet(p.path, columns=[c for c in template.columns if c in names and (
+                c in GOLD_COLUMNS or c not in EXCLUDED_TEXT)])
+            if df.height == 0:
+                continue
+            if d is None or d.height != df.height:  # every row has exactly one decision
+                raise RuntimeError(f"gold selection: decisions do not cover {p.path}")
+            df = pl.concat([template, df], how="diagonal_relaxed")
+            df = df.with_columns(questions.gather(d["_q"]).alias("question"), *(d[c] for c in extra),
+                                 d["reason"], d["detail"], d["_rank"], d["_xrank"])
+            rows_in += df.height
+            is_kept = pl.col("_rank").is_not_null()
+            kept = df.filter(is_kept).select(*GOLD_COLUMNS, "_rank")
+            if kept.height:
+                kept_buf.append(_compact(kept))
+            ex = df.filter(~is_kept)
+            if ex.height:
+                ex_buf.append(ex.select(*ex_cols, "_xrank"))
+        kept = pl.concat(kept_buf, how="vertical_relaxed").sort("_rank").drop("_rank")
+        ex = pl.concat(ex_buf, how="vertical_relaxed").sort("_xrank").drop("_xrank") if ex_buf else None
+        yield ShardResult(kept=kept, excluded=ex, rows_in=rows_in)

@@ -3,47 +3,21 @@
 from __future__ import annotations
 
 import polars as pl
-from pydantic import Field
 
-from bard_data.llm.base import ChatRequest
-from bard_data.llm.config import LLMStageConfig
-from bard_data.prompts import render
-from bard_data.stages.base import ShardResult, Stage, excluded_rows, run_sharded
-from bard_data.stages.teacher import chat_messages
-
-DEFAULT_JUDGE_PROMPT = """\
-You check whether a compressed solution is logically complete.
-
-Problem:
-{{ question }}
-
-Original solution:
-{{ reasoning }}
-
-Compressed solution:
-{{ compressed }}
-
-Is every step that the final answer depends on still present in the compressed solution, so
-that a reader can follow it to the answer {{ answer }} without the original? List the missing
-steps, if any. Reply with JSON only:
-{"complete": true or false, "score": a number from 0 to 1, "missing_steps": ["..."]}
-"""
+from bard_data.config.stages import JudgeConfig
+from bard_data.llm.base import ChatRequest, chat_messages
+from bard_data.pipeline.stage import ShardedStage, ShardResult, excluded_rows
+from bard_data.text.templates import render
+from bard_data.text.verdict import VERDICT_JSON_SCHEMA, parse_verdict
 
 
-class JudgeConfig(LLMStageConfig):
-    prompt_template: str = Field(DEFAULT_JUDGE_PROMPT, description="jinja2: question, reasoning, compressed, answer, budget")
-    min_score: float = Field(0.5, ge=0, le=1, description="a compression passes with score >= this ...")
-    require_complete: bool = Field(True, description="... and, if set, complete = true")
-    structured_output: bool = Field(True, description="ask the backend for JSON-schema guided output")
-    only_answer_preserved: bool = Field(True, description="skip judging compressions whose answer already changed")
+class JudgeStage(ShardedStage):
+    name = "judgments"
+    reads = ("compressions", "gold_chains")
+    sections = ("judge",)
 
-
-class JudgeStage(Stage):
-    table = "judgments"
-    requires = ("compressions",)
-
-    def enabled(self, ctx) -> bool:
-        return ctx.recipe.judge is not None and ctx.recipe.compression is not None
+    def enabled(self, recipe) -> bool:
+        return recipe.judge is not None and recipe.compression is not None
 
     def inputs(self, ctx) -> pl.DataFrame:
         cfg: JudgeConfig = ctx.recipe.judge
@@ -55,8 +29,6 @@ class JudgeStage(Stage):
         return todo.join(gold, on="sample_id", how="left").sort("compression_id")
 
     def process_shard(self, ctx, shard: pl.DataFrame, i: int) -> ShardResult:
-        from bard_data.judging import VERDICT_JSON_SCHEMA, parse_verdict
-
         cfg: JudgeConfig = ctx.recipe.judge
         schema = VERDICT_JSON_SCHEMA if cfg.structured_output else None
         reqs = [
@@ -90,7 +62,3 @@ class JudgeStage(Stage):
             kept=df.filter(pl.col("error").is_null()).drop("error"),
             excluded=excluded_rows(failed, "llm_error", pl.col("error")),
         )
-
-    def run(self, ctx) -> None:
-        run_sharded(ctx, self.table, self.inputs(ctx), lambda shard, i: self.process_shard(ctx, shard, i),
-                    ctx.recipe.shard_size, stage=self)

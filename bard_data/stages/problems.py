@@ -4,14 +4,16 @@ decontaminate against held-out benchmarks."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 
-from bard_data.answers import normalize_gold
 from bard_data.errors import DataError
-from bard_data.ids import hash_expr, normalize_question_expr
-from bard_data.io import read_table, require_columns
-from bard_data.stages.base import ShardResult, Stage, concat_excluded, excluded_rows
+from bard_data.pipeline.io import read_table, require_columns
+from bard_data.pipeline.stage import ShardResult, Stage, concat_excluded, excluded_rows
+from bard_data.text.answers import normalize_gold
+from bard_data.text.decontam import decontaminate, load_references
+from bard_data.text.ids import hash_expr, normalize_question_expr
 
 PROBLEM_COLUMNS = ["problem_id", "source", "question", "answer", "raw_answer", "domain", "split", "meta"]
 MAX_QUESTION_CHARS = 100_000
@@ -103,21 +105,18 @@ def build_problems(recipe) -> ShardResult:
 
 
 class ProblemsStage(Stage):
-    table = "problems"
+    name = "problems"
+    sections = ("sources", "decontamination")
 
-    def run(self, ctx) -> None:
+    def run(self, ctx):
         recipe = ctx.recipe
         res = build_problems(recipe)
-        report = None
-        if recipe.decontamination is not None and recipe.decontamination.enabled and recipe.decontamination.references:
-            from bard_data.decontam import decontaminate, load_references
-            from pathlib import Path
-
-            refs = load_references(recipe.decontamination, Path(recipe.base_dir))
-            kept, contaminated, report = decontaminate(res.kept, refs, recipe.decontamination.ngram)
-            res = ShardResult(kept=kept, excluded=concat_excluded(res.excluded, contaminated), rows_in=res.rows_in)
+        dec = recipe.decontamination
+        if dec is not None and dec.enabled and dec.references:
+            refs = load_references(dec, Path(recipe.base_dir))
+            kept, contaminated, report = decontaminate(res.kept, refs, dec.ngram)
+            res = ShardResult(kept=kept, excluded=concat_excluded(res.excluded, contaminated), rows_in=res.rows_in,
+                              reports={"decontamination": report})
         if res.kept.height == 0:
             raise DataError(f"{recipe.source_file}: no problems left after loading and filtering the sources")
-        if report is not None:
-            ctx.store.write_table("decontamination", report)
-        ctx.store.write_table(self.table, res.kept, res.excluded, res.funnel(self.table, 0, res.rows_in))
+        yield res

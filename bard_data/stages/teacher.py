@@ -6,41 +6,17 @@ import json
 
 import polars as pl
 
-from bard_data.answers import extract_answer, verify
-from bard_data.llm.base import ChatRequest, request_key
-from bard_data.prompts import render
-from bard_data.reasoning import split_reasoning
-from bard_data.stages.base import ShardResult, Stage, excluded_rows, run_sharded
+from bard_data.llm.base import ChatRequest, chat_messages, request_key
+from bard_data.pipeline.stage import ShardedStage, ShardResult, excluded_rows
+from bard_data.text.answers import extract_answer, verify
+from bard_data.text.reasoning import split_trace
+from bard_data.text.templates import render
 
 SAMPLE_COLUMNS = [
     "sample_id", "problem_id", "source", "origin", "model", "sample_index", "prompt", "completion",
     "reasoning", "response", "think_closed", "predicted_answer", "gold_answer", "is_correct",
     "reasoning_tokens", "completion_tokens", "finish_reason",
 ]
-
-
-def chat_messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return msgs + [{"role": "user", "content": user}]
-
-
-def split_trace(text: str, untagged: str = "last_paragraph") -> tuple[str, str, bool]:
-    """``split_reasoning`` plus a rule for text with no think tags at all.
-
-    ``untagged``: "response" (no reasoning), "reasoning" (all of it is reasoning), or
-    "last_paragraph" (the last paragraph is the response, the rest the reasoning: how worked
-    solutions and non-reasoning models write).
-    """
-    reasoning, response, closed = split_reasoning(text)
-    if closed or reasoning or untagged == "response" or "<think>" in text:
-        return reasoning, response, closed
-    body = text.strip()
-    if untagged == "reasoning":
-        return body, "", False
-    head, sep, tail = body.rpartition("\n\n")
-    if not sep:
-        head, sep, tail = body.rpartition("\n")
-    return (head.strip(), tail.strip(), False) if sep else ("", body, False)
 
 
 def verify_samples(ctx, df: pl.DataFrame, untagged: str = "last_paragraph") -> pl.DataFrame:
@@ -67,13 +43,13 @@ def verify_samples(ctx, df: pl.DataFrame, untagged: str = "last_paragraph") -> p
     )
 
 
-class TeacherStage(Stage):
-    table = "teacher_samples"
-    requires = ("problems",)
+class TeacherStage(ShardedStage):
+    name = "teacher_samples"
+    reads = ("problems",)
+    sections = ("teacher", "student")
 
-    def enabled(self, ctx) -> bool:
-        t = ctx.recipe.teacher
-        return t is not None and t.enabled
+    def enabled(self, recipe) -> bool:
+        return recipe.teacher is not None and recipe.teacher.enabled
 
     def inputs(self, ctx) -> pl.DataFrame:
         """One row per (problem, sample index): the unit this stage's funnel counts."""
@@ -107,7 +83,3 @@ class TeacherStage(Stage):
             kept=ok.select(SAMPLE_COLUMNS),
             excluded=excluded_rows(failed.drop("answer"), "llm_error", pl.col("error")),
         )
-
-    def run(self, ctx) -> None:
-        run_sharded(ctx, self.table, self.inputs(ctx), lambda shard, i: self.process_shard(ctx, shard, i),
-                    ctx.recipe.shard_size, unit="samples", stage=self)

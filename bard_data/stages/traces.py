@@ -8,37 +8,14 @@ answer, count student tokens). A source's own correctness flag is recorded, neve
 
 from __future__ import annotations
 
-from typing import Literal, Optional
-
 import polars as pl
-from pydantic import Field
 
+from bard_data.config.sources import TraceColumns, TraceSource
 from bard_data.errors import DataError
-from bard_data.ids import content_id, normalize_question
-from bard_data.io import read_table, require_columns
-from bard_data.llm.config import Strict
-from bard_data.stages.base import ShardResult, Stage, concat_excluded, excluded_rows
-
-
-class TraceColumns(Strict):
-    question: str = "question"
-    generation: Optional[str] = Field(None, description="the whole output (str or list of str); split by tags/rule")
-    reasoning: Optional[str] = Field(None, description="reasoning alone (str or list); use with `response`")
-    response: Optional[str] = None
-    correct: Optional[str] = Field(None, description="the source's own correctness flags (bool or list of bool)")
-    model: Optional[str] = Field(None, description="column naming the model that wrote each trace")
-
-
-class TraceSource(Strict):
-    name: str
-    path: str
-    format: Literal["auto", "jsonl", "parquet", "datasets", "hub"] = "auto"
-    hub_config: Optional[str] = None
-    hub_split: str = "train"
-    limit: Optional[int] = Field(None, gt=0)
-    columns: TraceColumns = Field(default_factory=TraceColumns)
-    model: str = Field("unknown", description="provenance when no model column")
-    untagged: Literal["response", "reasoning", "last_paragraph"] = "last_paragraph"
+from bard_data.pipeline.io import read_table, require_columns
+from bard_data.pipeline.stage import ShardResult, Stage, concat_excluded, excluded_rows
+from bard_data.stages.teacher import SAMPLE_COLUMNS, verify_samples
+from bard_data.text.ids import content_id, normalize_question
 
 
 def _completion_from(df: pl.DataFrame, cols: TraceColumns, where: str) -> pl.DataFrame:
@@ -83,15 +60,14 @@ def load_traces(recipe, src: TraceSource) -> pl.DataFrame:
 
 
 class TracesStage(Stage):
-    table = "imported_samples"
-    requires = ("problems",)
+    name = "imported_samples"
+    reads = ("problems",)
+    sections = ("traces", "student")
 
-    def enabled(self, ctx) -> bool:
-        return bool(ctx.recipe.traces)
+    def enabled(self, recipe) -> bool:
+        return bool(recipe.traces)
 
-    def run(self, ctx) -> None:
-        from bard_data.stages.teacher import SAMPLE_COLUMNS, verify_samples
-
+    def run(self, ctx):
         problems = ctx.store.read("problems").select("problem_id", "source", "question", "answer")
         problems = problems.with_columns(pl.col("question").map_elements(normalize_question, return_dtype=pl.Utf8).alias("_q"))
         kept_frames, excluded_frames, rows_in = [], [], 0
@@ -124,6 +100,5 @@ class TracesStage(Stage):
             ]
         kept = pl.concat(kept_frames, how="diagonal_relaxed")
         disagree = int(kept["flag_disagrees"].sum())
-        res = ShardResult(kept=kept, excluded=concat_excluded(*excluded_frames), rows_in=rows_in,
+        yield ShardResult(kept=kept, excluded=concat_excluded(*excluded_frames), rows_in=rows_in,
                           counters={"source_flag_disagrees": disagree})
-        ctx.store.write_table(self.table, res.kept, res.excluded, res.funnel(self.table, 0, rows_in))

@@ -1,0 +1,31 @@
+"""The library surface, for notebooks and scripts: the same operations as the ``bard-data``
+command, as plain functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from bard_data.config import Recipe, load_recipe
+from bard_data.config.executor import ExecutorConfig
+from bard_data.pipeline import runner
+from bard_data.pipeline.context import RunContext
+from bard_data.pipeline.manifest import read_manifest
+from bard_data.pipeline.runner import funnel_frame, resolve_run_dir, run_status
+from bard_data.report.publish import export, push
+from bard_data.report.sql import connect, query
+from bard_data.report.stats import report
+from bard_data.stages import STAGES
+
+__all__ = ["load_recipe", "run_recipe", "run_status", "read_manifest", "funnel_frame", "resolve_run_dir", "query",
+           "connect", "report", "export", "push"]
+
+
+def run_recipe(recipe: Recipe | str | Path, run_dir: str | Path | None = None, quiet: bool = False,
+               until: Optional[str] = None, hooks: Optional[list] = None,
+               executor: Optional[ExecutorConfig] = None) -> RunContext:
+    """Run (or resume) a recipe (a ``Recipe`` or the path of its YAML file) with every stage of
+    the registry; returns the run's context (closed) for inspection."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return runner.run(recipe, STAGES, run_dir, quiet=quiet, until=until, hooks=hooks, executor=executor)

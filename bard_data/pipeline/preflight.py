@@ -1,0 +1,40 @@
+"""Fail on run-level input before any work: the tokenizer loads, every template renders (and the
+budget statement reads back), and the model or server of every LLM stage still to run is there."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from bard_data.budget.statement import check_round_trip, prompt_messages
+from bard_data.llm.probe import check_backend
+from bard_data.pipeline.context import RunContext
+from bard_data.text.templates import check_template
+
+# What each prompt template sees (the stages render with exactly these names).
+EXAMPLE_VALUES = dict(question="q", reasoning="r", answer="1", budget=100, target=100, reasoning_tokens=200,
+                      original_tokens=200, compressed="c")
+LLM_SECTIONS = (("teacher", "teacher_samples"), ("compression", "compressions"), ("judge", "judgments"))
+
+
+def preflight(ctx: RunContext, pending: Optional[list[str]] = None) -> None:
+    """``pending``: tables still to build (default: all); only their backends are probed."""
+    r = ctx.recipe
+    _ = ctx.tokenizer
+    if r.teacher is not None:
+        check_template(r.teacher.prompt_template, question="q")
+    if r.compression is not None:
+        check_template(r.compression.prompt_template, **EXAMPLE_VALUES)
+    if r.judge is not None:
+        check_template(r.judge.prompt_template, **EXAMPLE_VALUES)
+    prompt_messages(r.format, "q", 100)
+    check_round_trip(r.format)
+    checked: set[str] = set()
+    for section, table in LLM_SECTIONS:
+        cfg = getattr(r, section)
+        if cfg is None or getattr(cfg, "enabled", True) is False or (pending is not None and table not in pending):
+            continue
+        key = cfg.backend.model_dump_json()
+        if key in checked:
+            continue
+        checked.add(key)
+        check_backend(cfg.backend, resolve=r.resolve)

@@ -1,0 +1,313 @@
+"""The run loop: a recipe's enabled stages, in the order their declared inputs give, over one run
+directory. Stages decide; this module writes (through the store), keeps the funnel records, the
+manifest and resume. It knows stages only through the contract in ``pipeline.stage``.
+
+What an invocation does before any work, in order: take the run directory's lock (one run at a
+time; the kernel drops it when a process dies, also by SIGKILL), delete temporary files a killed
+writer left, check that the source files of finished tables did not change, check every shard
+of the finished tables (a truncated or corrupt one is recomputed, with a warning), then -- only
+when something is left to do -- the preflight: the tokenizer loads, every template renders,
+every backend's model or server is there. A bad run-level input is one line, before any work.
+
+A finished stage is skipped, so a rerun of a finished build does no work; a sharded stage
+resumes at its first missing shard. Failed LLM calls (``llm_error`` rows) do not make a stage
+final: its ``_SUCCESS`` is *provisional*, and so is every later stage's (their input may still
+change). The next invocation redoes exactly the shards with failed calls; the calls that worked
+are cache hits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from bard_data.config import Recipe
+from bard_data.config.executor import ExecutorConfig
+from bard_data.errors import BardError
+from bard_data.pipeline import manifest as mf
+from bard_data.pipeline.context import RunContext
+from bard_data.pipeline.executors import make_executor
+from bard_data.pipeline.fingerprints import check_sources
+from bard_data.pipeline.funnel import build_funnel, shard_record
+from bard_data.pipeline.lock import RunLock
+from bard_data.pipeline.preflight import preflight
+from bard_data.pipeline.stage import ShardedStage, Stage
+from bard_data.pipeline.store import ArtifactStore, input_hash, remove_temp_files
+
+log = logging.getLogger(__name__)
+
+
+# -- the stage graph -------------------------------------------------------------------------
+
+
+def stage_order(stages: Sequence[Stage], recipe: Recipe) -> list[Stage]:
+    """The enabled stages, each after every stage whose table it reads (ties keep the given
+    order). A read of a table no enabled stage writes is no edge: that input is absent."""
+    enabled = [s for s in stages if s.enabled(recipe)]
+    names = [s.name for s in enabled]
+    if len(set(names)) != len(names):
+        raise BardError(f"two stages write one table: {names}")
+    deps = {s.name: {t for t in s.reads_for(recipe) if t in names and t != s.name} for s in enabled}
+    order: list[Stage] = []
+    done: set[str] = set()
+    while len(order) < len(enabled):
+        ready = next((s for s in enabled if s.name not in done and deps[s.name] <= done), None)
+        if ready is None:
+            left = [s.name for s in enabled if s.name not in done]
+            raise BardError(f"the stages {left} read each other's tables (a cycle)")
+        order.append(ready)
+        done.add(ready.name)
+    return order
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+class BackgroundWriter:
+    """Runs writes on one background thread, one at a time, so that the next part is prepared
+    while the previous one is compressed (Polars releases the GIL while it encodes Parquet).
+    ``submit`` waits for the write before it; leaving the ``with`` block waits for the last one,
+    and a write's exception is raised there (or at the next ``submit``)."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bard-writer")
+        self._pending = None
+
+    def submit(self, fn: Callable, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        f, self._pending = self._pending, None
+        if f is not None:
+            f.result()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _write_reports(store: ArtifactStore, reports: dict[str, pl.DataFrame]) -> None:
+    for name, df in reports.items():
+        store.write_table(name, df)
+
+
+def run_whole(ctx: RunContext, stage: Stage) -> None:
+    """A stage that yields its table's parts: each written as part i with its funnel record,
+    then the table is marked done. The table is rebuilt whole."""
+    store, name = ctx.store, stage.name
+    store.clear_table(name)
+    n = rows = 0
+    with BackgroundWriter() as writer:
+        for i, res in enumerate(stage.run(ctx)):
+            if res.rows_in is None:
+                raise RuntimeError(f"stage '{name}': a part of a whole-table stage must state rows_in")
+            _write_reports(store, res.reports)
+            rec = shard_record(name, i, res, res.rows_in)
+            writer.submit(store.write_shard, name, i, res.kept, res.excluded, rec)
+            ctx.on_shard_written(name, i)
+            n, rows = n + 1, rows + res.kept.height
+    if n == 0:
+        raise RuntimeError(f"stage '{name}' yielded no part")
+    store.finish_table(name, {"shards": n, "rows": rows})
+
+
+def run_sharded(ctx: RunContext, stage: ShardedStage, executor) -> None:
+    """Split the stage's inputs (already in a deterministic order) into shards; run the ones not
+    finished.
+
+    A shard is finished when its files are whole and its funnel record carries the hash of the
+    very input rows it was computed from (``store.shard_problem``), so a shard whose input
+    changed (an upstream stage was redone, or the shard size changed) is recomputed and a
+    damaged one is recomputed with a warning; its LLM calls are in the cache, so that is cheap.
+    Shards with rows dropped as ``llm_error`` are redone on every new invocation: the rows that
+    worked come back from the cache, only the failed requests are sent again. Shards beyond the
+    current count (a larger shard size before) are removed.
+    """
+    store, name = ctx.store, stage.name
+    inputs = stage.inputs(ctx)
+    size = ctx.recipe.shard_size
+    n = max(1, math.ceil(inputs.height / size))
+    layout = {"shard_size": size, "shards": n, "rows": inputs.height}
+    store.start_table(name, layout)
+    shards = [inputs.slice(i * size, size) for i in range(n)]
+    hashes = [input_hash(sh) for sh in shards]
+    todo = []
+    for i in range(n):
+        why = store.shard_problem(name, i, hashes[i], retry_errors=True)
+        if why is not None:
+            todo.append(i)
+            if why == "llm_error":
+                log.info("%s shard %d: retrying the rows whose LLM call failed", name, i)
+    bar = tqdm(total=n, initial=n - len(todo), desc=name, unit="shard", disable=ctx.quiet)
+    for i, res in executor.map_shards(ctx, stage, [(i, shards[i]) for i in todo]):
+        _write_reports(store, res.reports)
+        store.write_shard(name, i, res.kept, res.excluded, shard_record(name, i, res, shards[i].height, hashes[i]))
+        ctx.on_shard_written(name, i)
+        bar.update(1)
+    bar.close()
+    store.mark_done(name, layout)
+
+
+def run_stage(ctx: RunContext, stage: Stage, executor=None) -> None:
+    """Build (or finish) one stage's table in ``ctx``'s run directory; its inputs must be there.
+    ``executor``: where the shards of a sharded stage run (default: here)."""
+    if isinstance(stage, ShardedStage):
+        run_sharded(ctx, stage, executor or make_executor(None))
+    else:
+        run_whole(ctx, stage)
+
+
+def _verify_done(store: ArtifactStore, stages: list[Stage]) -> None:
+    """A finished table with a missing, truncated or corrupt shard is no longer finished: the
+    damaged files are removed (with a warning) and the stage runs again for those shards."""
+    for stage in stages:
+        if not store.is_built(stage.name):
+            continue
+        problems = store.verify_table(stage.name)
+        if problems:
+            log.warning("table '%s' was finished but %s; recomputing", stage.name, "; ".join(problems[:5]))
+            store.unmark_done(stage.name)
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def resolve_run_dir(recipe: Recipe, run_dir: str | Path | None) -> Path:
+    return Path(run_dir).resolve() if run_dir else Path(recipe.resolve(recipe.run_dir, force=True))
+
+
+def run(recipe: Recipe, stages: Sequence[Stage], run_dir: str | Path | None = None, quiet: bool = False,
+        until: Optional[str] = None, hooks: Optional[list] = None,
+        executor: Optional[ExecutorConfig] = None) -> RunContext:
+    """Run (or resume) every enabled stage of ``stages``; return the context (closed) for
+    inspection. ``executor`` overrides the recipe's executor section (where LLM shards run)."""
+    if executor is not None:
+        recipe = recipe.model_copy(update={"executor": executor})
+    rd = resolve_run_dir(recipe, run_dir)
+    previous = mf.read_manifest(rd)
+    mf.check_recipe(recipe, rd, previous)
+    fresh = not rd.exists()
+    rd.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(rd).acquire()
+    try:
+        return _run_locked(recipe, stage_order(stages, recipe), rd, previous, fresh, quiet, until, hooks)
+    finally:
+        lock.release()
+
+
+def _run_locked(recipe: Recipe, stages: list[Stage], rd: Path, previous: dict, fresh: bool, quiet: bool,
+                until: Optional[str], hooks: Optional[list]) -> RunContext:
+    started = time.time()
+    ctx = RunContext(recipe, rd, quiet=quiet, invocation=f"{int(started * 1000)}-{os.getpid()}")
+    ctx.shard_hooks.extend(hooks or [])
+    names = [s.name for s in stages]
+    executor = None
+    try:
+        leftovers = remove_temp_files(rd)
+        if leftovers:
+            log.info("%s: removed %d temporary file(s) an interrupted run left", rd, leftovers)
+        sources = check_sources(recipe, ctx.store, previous.get("sources") or {})
+        _verify_done(ctx.store, stages)
+        pending = [s.name for s in stages if not ctx.store.is_done(s.name)]
+        if until in names:
+            pending = [t for t in pending if names.index(t) <= names.index(until)]
+        if pending:
+            preflight(ctx, pending)
+            executor = make_executor(recipe.executor)
+    except BaseException:
+        ctx.close()
+        if fresh and all(p.name == ".lock" for p in rd.iterdir()):
+            shutil.rmtree(rd, ignore_errors=True)  # a bad input leaves no run directory behind
+        raise
+    manifest = {
+        "name": recipe.name,
+        "recipe": recipe.resolved_dict(),
+        "recipe_file": recipe.source_file,
+        "recipe_hash": recipe.hash(),
+        "versions": mf.versions(),
+        "models": mf.models(recipe),
+        "seeds": mf.seeds(recipe),
+        "stages": names,
+        "sources": sources,
+        "invocations": mf.reconcile_invocations(previous.get("invocations", []), ctx.cache.ledger),
+        "timings": previous.get("timings", {}),
+    }
+    invocation: dict[str, Any] = {"id": ctx.invocation, "started": started, "status": "running",
+                                  "pid": os.getpid(), "stages_run": [], "llm": {}}
+
+    def save() -> None:
+        invocation["llm"] = ctx.llm_stats()
+        mf.write_manifest(rd, manifest, invocation)
+
+    status = "finished"
+    try:
+        save()
+        retry_from: Optional[str] = None  # the first table with rows awaiting an LLM retry
+        for stage in stages:
+            if ctx.store.is_done(stage.name):
+                continue
+            t0 = time.perf_counter()
+            run_stage(ctx, stage, executor)
+            dt = time.perf_counter() - t0
+            errors = ctx.store.llm_errors(stage.name)
+            if errors:
+                ctx.store.mark_provisional(stage.name, f"{errors} row(s) dropped as llm_error; a rerun retries them")
+                retry_from = retry_from or stage.name
+            elif retry_from:
+                ctx.store.mark_provisional(stage.name, f"built on '{retry_from}', which has rows awaiting an LLM retry")
+            manifest["timings"][stage.name] = manifest["timings"].get(stage.name, 0.0) + dt
+            invocation["stages_run"].append(stage.name)
+            save()
+            if until and stage.name == until:
+                break
+        ctx.store.write_table("funnel", build_funnel(ctx.store, names))
+        manifest["llm_errors"] = {t: n for t in names if (n := ctx.store.llm_errors(t))}
+        manifest["complete"] = all(ctx.store.is_done(t) for t in names)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except BaseException as exc:
+        status = f"failed: {type(exc).__name__}"
+        raise
+    finally:
+        invocation["status"] = status
+        invocation["wall_s"] = time.time() - started
+        try:
+            save()
+        finally:
+            if executor is not None:
+                executor.close()
+            ctx.close()
+    return ctx
+
+
+def run_status(run_dir: str | Path) -> dict[str, Any]:
+    """Per-stage progress (shards written / planned) and whether the stage finished."""
+    store = ArtifactStore(run_dir)
+    out = {}
+    for table in mf.read_manifest(run_dir).get("stages", []):
+        out[table] = {"done": store.is_done(table), "shards_written": len(store.parts(table)),
+                      "shards_planned": store.planned_shards(table), "llm_errors": store.llm_errors(table),
+                      "provisional": store.done_info(table).get("provisional")}
+    return out
+
+
+def funnel_frame(run_dir: str | Path) -> Optional[pl.DataFrame]:
+    store = ArtifactStore(run_dir)
+    return store.read("funnel") if store.exists("funnel") else None
