@@ -11,13 +11,14 @@ from bard_data.config.executor import ExecutorConfig
 from bard_data.pipeline import runner
 from bard_data.pipeline.context import RunContext
 from bard_data.pipeline.manifest import read_manifest
-from bard_data.pipeline.runner import funnel_frame, resolve_run_dir, run_status
+from bard_data.pipeline.runner import RunPlan, funnel_frame, resolve_run_dir, run_status
+from bard_data.report.diff import diff_builds
 from bard_data.report.publish import export, push
 from bard_data.report.sql import connect, query
 from bard_data.report.stats import report
 from bard_data.stages import STAGES
 
-__all__ = ["load_recipe", "run_recipe", "run_status", "read_manifest", "funnel_frame", "resolve_run_dir", "query",
+__all__ = ["load_recipe", "run_recipe", "plan_run", "diff_builds", "run_status", "read_manifest", "funnel_frame", "resolve_run_dir", "query",
            "connect", "report", "export", "push"]
 
 
@@ -29,3 +30,10 @@ def run_recipe(recipe: Recipe | str | Path, run_dir: str | Path | None = None, q
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     return runner.run(recipe, STAGES, run_dir, quiet=quiet, until=until, hooks=hooks, executor=executor)
+
+
+def plan_run(recipe: Recipe | str | Path, run_dir: str | Path | None = None) -> RunPlan:
+    """Which stages running ``recipe`` in ``run_dir`` would build, recompute (and why) or keep."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return runner.plan_run(recipe, STAGES, run_dir)

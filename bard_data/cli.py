@@ -16,12 +16,23 @@ def _resume_hint(a, rd) -> str:
 
 
 def _cmd_run(a) -> int:
-    from bard_data.api import load_recipe, resolve_run_dir, run_recipe, run_status
+    from bard_data.api import load_recipe, plan_run, resolve_run_dir, run_recipe, run_status
 
     rd = None
     try:
         recipe = load_recipe(a.recipe)
+        if a.cache_dir:
+            recipe = recipe.model_copy(update={"cache_dir": str(Path(a.cache_dir).resolve())})
         rd = resolve_run_dir(recipe, a.run_dir)
+        plan = plan_run(recipe, rd)
+        if a.dry_run:
+            for p in plan.plans:
+                why = f": {'; '.join(p.reasons)}" if p.reasons else ""
+                print(f"{p.action:<9} {p.name}{why}")
+            return 0
+        for line in plan.lines():
+            if line.startswith("recompute"):
+                print(line, file=sys.stderr)
         executor = None
         if a.executor or a.ray_address:
             update = {"kind": a.executor or "ray"}
@@ -102,6 +113,12 @@ def _cmd_export(a) -> int:
     return export_cli(a)
 
 
+def _cmd_diff(a) -> int:
+    from bard_data.report.diff import diff_cli
+
+    return diff_cli(a)
+
+
 def _cmd_train(a) -> int:
     if a.kind == "sft":
         from trainers.sft import main as sft_main
@@ -130,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "ray"], default=None, help="overrides the recipe's executor.kind")
     r.add_argument("--ray-address", default=None, help="Ray cluster to join ('auto', 'HOST:PORT'); implies --executor ray")
     r.add_argument("--workers", type=int, default=None, help="Ray actors per LLM stage")
+    r.add_argument("--cache-dir", default=None, help="a completion cache shared by several runs (overrides the "
+                   "recipe's cache_dir; default: RUN_DIR/cache)")
+    r.add_argument("--dry-run", action="store_true", help="print which stages would be built, recomputed (and why) "
+                   "or kept, and stop")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
 
@@ -167,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--template", default=None, help="card template (jinja2) instead of the bundled one")
     ex.add_argument("--allow-incomplete", action="store_true", help="export a run whose stages did not all finish")
     ex.set_defaults(fn=_cmd_export)
+
+    df = sub.add_parser("diff", help="compare two builds (run directories or exported datasets)")
+    df.add_argument("run_a")
+    df.add_argument("run_b")
+    df.add_argument("--json", action="store_true", help="the comparison as JSON")
+    df.set_defaults(fn=_cmd_diff)
 
     tr = sub.add_parser("train", help="bundled TRL trainers")
     tr.add_argument("kind", choices=["sft", "grpo"])

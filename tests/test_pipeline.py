@@ -153,16 +153,26 @@ def test_cli_run_and_status(full_run):
     assert "complete" in out.stdout
 
 
-def test_edited_recipe_refuses_existing_run_dir(full_run, tmp_path):
+def test_edited_recipe_says_what_it_recomputes(full_run, tmp_path):
+    """An edited recipe in the same run directory: the CLI prints, before any work, which stages
+    it recomputes and which keys changed (--dry-run prints only that and writes nothing)."""
     run_dir, recipe = full_run
     data = yaml_load(recipe.source_file)
-    data["teacher"]["samples_per_problem"] = 3
+    data["judge"]["min_score"] = 0.9
     p = tmp_path / "edited.yaml"
     p.write_text(__import__("yaml").safe_dump(data))
-    out = subprocess.run([sys.executable, "-m", "bard_data.cli", "run", str(p), "--run-dir", str(run_dir), "-q"],
+    before = (run_dir / "manifest.json").read_bytes()
+    out = subprocess.run([sys.executable, "-m", "bard_data.cli", "run", str(p), "--run-dir", str(run_dir), "--dry-run"],
                          capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "different recipe" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "recompute judgments: judge.min_score: 0.5 -> 0.9" in lines
+    assert "recompute sft: its input 'filtered_compressions' is rebuilt" in lines
+    assert (run_dir / "manifest.json").read_bytes() == before
+    got = {ln.split()[1].rstrip(":"): ln.split()[0] for ln in out.stdout.strip().splitlines()}
+    assert got == {"problems": "done", "teacher_samples": "done", "imported_samples": "done", "gold_chains": "done",
+                   "compressions": "done", "judgments": "recompute", "filtered_compressions": "recompute",
+                   "sft": "recompute", "rl": "done"}
 
 
 def yaml_load(path):

@@ -223,6 +223,6 @@ def test_readme_stage_table_is_the_registry():
     from bard_data.stages import STAGES
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    rows = re.findall(r"^\| `(\w+)` \|\s*([\w, ]*?)\s*\|\s*([\w, ]*?)\s*\|$", readme, flags=re.M)
+    rows = re.findall(r"^\| `(\w+)` \|\s*([\w, ]*?)\s*\|\s*([\w., ]*?)\s*\|$", readme, flags=re.M)
     listed = [(name, [t for t in reads.split(", ") if t], [t for t in secs.split(", ") if t]) for name, reads, secs in rows]
     assert listed == [(s.name, list(s.reads), list(s.sections)) for s in STAGES]

@@ -241,7 +241,7 @@ def test_store_sees_partial_files_and_leftovers(tmp_path, caplog):
     excluded = pl.DataFrame({"x": [1], "reason": ["llm_error"], "detail": ["boom"]})
     funnel = {"rows_in": 101, "rows_out": 100, "dropped": {"llm_error": 1}, "input_hash": "h"}
     store.write_shard("t", 0, kept, excluded, funnel)
-    assert store.has_shard("t", 0, "h")
+    assert store.shard_problem("t", 0, "h") is None
     assert store.shard_problem("t", 0, "other") == "stale"
     assert store.shard_problem("t", 0, "h", retry_errors=True) == "llm_error"
     # A temp file a killed writer left is never a part.
@@ -253,5 +253,5 @@ def test_store_sees_partial_files_and_leftovers(tmp_path, caplog):
     assert store.shard_problem("t", 0, "h", retry_errors=True) is None
     _truncate(store.part_path("t", 0))
     with caplog.at_level(logging.WARNING):
-        assert not store.has_shard("t", 0)
+        assert store.shard_problem("t", 0) is not None
     assert "is damaged" in caplog.text and not store.part_path("t", 0).exists()

@@ -326,23 +326,29 @@ def finished(tmp_path, tiny_model_dir, shared_data):
     return path, src, ctx.run_dir, snap
 
 
-def _untouched(run_dir: Path, snap: dict) -> None:
-    now = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file() and "cache" not in p.parts and p.name != ".lock"}
+def _untouched(run_dir: Path, snap: dict, skip: tuple[str, ...] = ()) -> None:
+    now = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*")
+           if p.is_file() and "cache" not in p.parts and p.name != ".lock" and p.name not in skip}
     assert now == snap
 
 
 def test_broken_source_on_a_finished_run_is_an_error_and_loses_nothing(finished):
+    """A source file edited under a finished run is recomputed from; a broken one is a one-line
+    error naming it, and every table stays as it was (the manifest records the failed attempt)."""
     path, src, run_dir, snap = finished
     good_bytes = src.read_bytes()
     src.write_bytes(good_bytes[:100] + b"\xff\xfe broken" + good_bytes[100:])
     with pytest.raises(BardError) as e:
         run_recipe(load_recipe(path), quiet=True)
-    assert "changed since this run directory built 'problems'" in exactly(DataError, e)
-    _untouched(run_dir, snap)
+    msg = exactly(DataError, e)
+    assert str(src) in msg and "not UTF-8" in msg
+    assert json.loads((run_dir / "manifest.json").read_text())["invocations"][-1]["status"].startswith("failed")
+    _untouched(run_dir, {p: v for p, v in snap.items() if p.name != "manifest.json"}, skip=("manifest.json",))
     # Restored (even with a new mtime), the run is whole again and a rerun does nothing.
     src.write_bytes(good_bytes)
     run_recipe(load_recipe(path), quiet=True)
     assert json.loads((run_dir / "manifest.json").read_text())["invocations"][-1]["llm"] == {}
+    assert json.loads((run_dir / "manifest.json").read_text())["invocations"][-1]["stages_run"] == []
 
 
 def test_deleted_source_on_a_finished_run_is_an_error_and_loses_nothing(finished):

@@ -22,11 +22,16 @@ from bard_data.config.sources import DecontamConfig, ProblemSource, TraceSource
 from bard_data.config.stages import CompressionConfig, FormatConfig, JudgeConfig, StudentConfig, TeacherConfig
 from bard_data.errors import RecipeError
 
+# Where a build runs and where its completions are cached cannot change what it produces.
+NOT_IN_HASH = ("executor", "cache_dir")
+
 
 class Recipe(Strict):
     name: str
     description: str = ""
     run_dir: str
+    cache_dir: Optional[str] = Field(None, description="the completion cache's folder, shareable by several runs "
+                                     "(default: RUN_DIR/cache); not part of any fingerprint")
     seed: int = 0
     shard_size: int = Field(32, gt=0, description="rows per shard of an LLM stage")
     license: str = "other"
@@ -71,7 +76,8 @@ class Recipe(Strict):
         """Hash of what the build produces; where it runs (the executor) is left out, so a run
         started locally can resume on a Ray cluster and the other way round."""
         data = self.resolved_dict()
-        data.pop("executor", None)
+        for key in NOT_IN_HASH:
+            data.pop(key, None)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

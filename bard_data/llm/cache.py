@@ -49,6 +49,12 @@ CREATE TABLE IF NOT EXISTS ledger (
 """
 
 _HEADER = b"SQLite format 3\x00"
+BUSY_TIMEOUT_S = 600.0
+
+
+def _busy(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return "locked" in msg or "busy" in msg
 
 
 class CompletionCache:
@@ -72,23 +78,30 @@ class CompletionCache:
             conn.execute("SELECT key, model, text, prompt_tokens, completion_tokens, finish_reason FROM completions LIMIT 1").fetchall()
             conn.commit()
             return conn
+        except sqlite3.OperationalError as exc:
+            if _busy(exc):  # another run holds the (shared) cache longer than the busy timeout
+                raise
+            return self._set_aside(conn, exc)
         except sqlite3.DatabaseError as exc:
-            # A damaged cache only costs recomputation; keep the file for inspection.
-            bad = self.path.with_name(self.path.name + f".corrupt-{int(time.time())}")
-            log.warning("completion cache %s is corrupt (%s); moved to %s and starting empty", self.path, exc, bad)
-            try:
-                conn.close()
-            except Exception:
-                pass
-            for suffix in ("", "-wal", "-shm"):
-                p = Path(str(self.path) + suffix)
-                if p.exists():
-                    p.rename(Path(str(bad) + suffix))
-            conn = self._connect()
-            conn.execute(_SCHEMA)
-            conn.execute(_LEDGER)
-            conn.commit()
-            return conn
+            return self._set_aside(conn, exc)
+
+    def _set_aside(self, conn, exc) -> sqlite3.Connection:
+        """A damaged cache only costs recomputation; keep the file for inspection."""
+        bad = self.path.with_name(self.path.name + f".corrupt-{int(time.time())}")
+        log.warning("completion cache %s is corrupt (%s); moved to %s and starting empty", self.path, exc, bad)
+        try:
+            conn.close()
+        except Exception:
+            pass
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                p.rename(Path(str(bad) + suffix))
+        conn = self._connect()
+        conn.execute(_SCHEMA)
+        conn.execute(_LEDGER)
+        conn.commit()
+        return conn
 
     def _check_header(self) -> None:
         """A non-empty file that does not start with SQLite's header (or is shorter than one page
@@ -108,7 +121,9 @@ class CompletionCache:
             raise sqlite3.DatabaseError(f"not an SQLite database ({size} bytes, bad header)")
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # Several runs may share one cache (recipe cache_dir): a writer waits for another's
+        # transaction (WAL: readers never wait) instead of failing after SQLite's default 5 s.
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
@@ -133,7 +148,9 @@ class CompletionCache:
         now = time.time()
         rows = [(k, model, c.text, c.prompt_tokens, c.completion_tokens, c.finish_reason, now) for k, c in items.items()]
         with self._lock:
-            self._conn.execute("BEGIN")
+            # IMMEDIATE takes the write lock up front (waiting for another process's commit), so
+            # a transaction never fails half way on a lock upgrade.
+            self._conn.execute("BEGIN IMMEDIATE")
             try:
                 if rows:
                     self._conn.executemany("INSERT OR REPLACE INTO completions VALUES (?,?,?,?,?,?,?)", rows)

@@ -34,9 +34,15 @@ class RunContext:
         self.store = ArtifactStore(self.run_dir)
 
     @property
+    def cache_path(self) -> Path:
+        """``cache_dir``/completions.sqlite when the recipe shares a cache, else the run's own."""
+        folder = self.recipe.resolve(self.recipe.cache_dir, force=True) if self.recipe.cache_dir else self.run_dir / "cache"
+        return Path(folder) / "completions.sqlite"
+
+    @property
     def cache(self) -> CompletionCache:
         if self._cache is None:
-            self._cache = CompletionCache(self.run_dir / "cache" / "completions.sqlite")
+            self._cache = CompletionCache(self.cache_path)
         return self._cache
 
     def llm(self, stage_cfg) -> CachedLLM:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from bard_data.config import Recipe
-from bard_data.errors import RecipeError
 from bard_data.pipeline.store import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -47,15 +46,6 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
         log.warning("%s is unreadable; starting a new manifest", p)
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def check_recipe(recipe: Recipe, run_dir: Path, manifest: dict[str, Any]) -> None:
-    """A run directory belongs to one recipe: resuming with an edited recipe would mix tables."""
-    if manifest.get("recipe_hash") not in (None, recipe.hash()):
-        raise RecipeError(
-            f"{run_dir}: this run directory was built from a different recipe "
-            f"(hash {manifest.get('recipe_hash')}, now {recipe.hash()}); use another --run-dir"
-        )
 
 
 def versions() -> dict[str, str]:

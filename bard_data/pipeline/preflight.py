@@ -3,11 +3,12 @@ budget statement reads back), and the model or server of every LLM stage still t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from bard_data.budget.statement import check_round_trip, prompt_messages
 from bard_data.llm.probe import check_backend
 from bard_data.pipeline.context import RunContext
+from bard_data.pipeline.stage import Stage
 from bard_data.text.templates import check_template
 
 # What each prompt template sees (the stages render with exactly these names).
@@ -16,10 +17,14 @@ EXAMPLE_VALUES = dict(question="q", reasoning="r", answer="1", budget=100, targe
 LLM_SECTIONS = (("teacher", "teacher_samples"), ("compression", "compressions"), ("judge", "judgments"))
 
 
-def preflight(ctx: RunContext, pending: Optional[list[str]] = None) -> None:
-    """``pending``: tables still to build (default: all); only their backends are probed."""
+def preflight(ctx: RunContext, pending: Optional[Sequence[Stage]] = None) -> None:
+    """``pending``: the stages still to build (default: all). Only their backends are probed, and
+    the student tokenizer is loaded (a slow import) only when one of them counts tokens (declares
+    the ``student`` section)."""
     r = ctx.recipe
-    _ = ctx.tokenizer
+    if pending is None or any("student" in s.sections for s in pending):
+        _ = ctx.tokenizer
+    names = None if pending is None else {s.name for s in pending}
     if r.teacher is not None:
         check_template(r.teacher.prompt_template, question="q")
     if r.compression is not None:
@@ -31,7 +36,7 @@ def preflight(ctx: RunContext, pending: Optional[list[str]] = None) -> None:
     checked: set[str] = set()
     for section, table in LLM_SECTIONS:
         cfg = getattr(r, section)
-        if cfg is None or getattr(cfg, "enabled", True) is False or (pending is not None and table not in pending):
+        if cfg is None or getattr(cfg, "enabled", True) is False or (names is not None and table not in names):
             continue
         key = cfg.backend.model_dump_json()
         if key in checked:

@@ -18,12 +18,14 @@ are cache hits.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,7 +38,7 @@ from bard_data.errors import BardError
 from bard_data.pipeline import manifest as mf
 from bard_data.pipeline.context import RunContext
 from bard_data.pipeline.executors import make_executor
-from bard_data.pipeline.fingerprints import check_sources
+from bard_data.pipeline.fingerprints import source_files, stage_fingerprints, why_recompute
 from bard_data.pipeline.funnel import build_funnel, shard_record
 from bard_data.pipeline.lock import RunLock
 from bard_data.pipeline.preflight import preflight
@@ -107,14 +109,20 @@ def _write_reports(store: ArtifactStore, reports: dict[str, pl.DataFrame]) -> No
         store.write_table(name, df)
 
 
-def run_whole(ctx: RunContext, stage: Stage) -> None:
+def run_whole(ctx: RunContext, stage: Stage, fingerprint: Optional[dict] = None) -> None:
     """A stage that yields its table's parts: each written as part i with its funnel record,
-    then the table is marked done. The table is rebuilt whole."""
+    then the table is marked done (with ``fingerprint``). The table is rebuilt whole; the old one
+    is removed only once the stage has produced its first part, so an input the stage refuses
+    (a broken source file) costs nothing already written."""
     store, name = ctx.store, stage.name
+    parts = iter(stage.run(ctx))
+    first = next(parts, None)
+    if first is None:
+        raise RuntimeError(f"stage '{name}' yielded no part")
     store.clear_table(name)
     n = rows = 0
     with BackgroundWriter() as writer:
-        for i, res in enumerate(stage.run(ctx)):
+        for i, res in enumerate(itertools.chain([first], parts)):
             if res.rows_in is None:
                 raise RuntimeError(f"stage '{name}': a part of a whole-table stage must state rows_in")
             _write_reports(store, res.reports)
@@ -122,12 +130,10 @@ def run_whole(ctx: RunContext, stage: Stage) -> None:
             writer.submit(store.write_shard, name, i, res.kept, res.excluded, rec)
             ctx.on_shard_written(name, i)
             n, rows = n + 1, rows + res.kept.height
-    if n == 0:
-        raise RuntimeError(f"stage '{name}' yielded no part")
-    store.finish_table(name, {"shards": n, "rows": rows})
+    store.finish_table(name, {"shards": n, "rows": rows}, fingerprint)
 
 
-def run_sharded(ctx: RunContext, stage: ShardedStage, executor) -> None:
+def run_sharded(ctx: RunContext, stage: ShardedStage, executor, fingerprint: Optional[dict] = None) -> None:
     """Split the stage's inputs (already in a deterministic order) into shards; run the ones not
     finished.
 
@@ -137,10 +143,13 @@ def run_sharded(ctx: RunContext, stage: ShardedStage, executor) -> None:
     damaged one is recomputed with a warning; its LLM calls are in the cache, so that is cheap.
     Shards with rows dropped as ``llm_error`` are redone on every new invocation: the rows that
     worked come back from the cache, only the failed requests are sent again. Shards beyond the
-    current count (a larger shard size before) are removed.
+    current count (a larger shard size before) are removed. A shard computed under another
+    ``fingerprint`` (an edited recipe) is recomputed, so a rebuild killed half way resumes.
     """
+    fp = (fingerprint or {}).get("fingerprint")
     store, name = ctx.store, stage.name
     inputs = stage.inputs(ctx)
+    store.unmark_done(name)  # from here on, a kill leaves the table unfinished (its shards resume)
     size = ctx.recipe.shard_size
     n = max(1, math.ceil(inputs.height / size))
     layout = {"shard_size": size, "shards": n, "rows": inputs.height}
@@ -149,7 +158,7 @@ def run_sharded(ctx: RunContext, stage: ShardedStage, executor) -> None:
     hashes = [input_hash(sh) for sh in shards]
     todo = []
     for i in range(n):
-        why = store.shard_problem(name, i, hashes[i], retry_errors=True)
+        why = store.shard_problem(name, i, hashes[i], retry_errors=True, fingerprint=fp)
         if why is not None:
             todo.append(i)
             if why == "llm_error":
@@ -157,20 +166,24 @@ def run_sharded(ctx: RunContext, stage: ShardedStage, executor) -> None:
     bar = tqdm(total=n, initial=n - len(todo), desc=name, unit="shard", disable=ctx.quiet)
     for i, res in executor.map_shards(ctx, stage, [(i, shards[i]) for i in todo]):
         _write_reports(store, res.reports)
-        store.write_shard(name, i, res.kept, res.excluded, shard_record(name, i, res, shards[i].height, hashes[i]))
+        rec = shard_record(name, i, res, shards[i].height, hashes[i])
+        if fp is not None:
+            rec["fingerprint"] = fp
+        store.write_shard(name, i, res.kept, res.excluded, rec)
         ctx.on_shard_written(name, i)
         bar.update(1)
     bar.close()
-    store.mark_done(name, layout)
+    store.mark_done(name, {**layout, **(fingerprint or {})})
 
 
-def run_stage(ctx: RunContext, stage: Stage, executor=None) -> None:
+def run_stage(ctx: RunContext, stage: Stage, executor=None, fingerprint: Optional[dict] = None) -> None:
     """Build (or finish) one stage's table in ``ctx``'s run directory; its inputs must be there.
-    ``executor``: where the shards of a sharded stage run (default: here)."""
+    ``executor``: where the shards of a sharded stage run (default: here); ``fingerprint``:
+    ``{"fingerprint", "basis"}`` recorded with the table."""
     if isinstance(stage, ShardedStage):
-        run_sharded(ctx, stage, executor or make_executor(None))
+        run_sharded(ctx, stage, executor or make_executor(None), fingerprint)
     else:
-        run_whole(ctx, stage)
+        run_whole(ctx, stage, fingerprint)
 
 
 def _verify_done(store: ArtifactStore, stages: list[Stage]) -> None:
@@ -192,49 +205,125 @@ def resolve_run_dir(recipe: Recipe, run_dir: str | Path | None) -> Path:
     return Path(run_dir).resolve() if run_dir else Path(recipe.resolve(recipe.run_dir, force=True))
 
 
+@dataclass
+class StagePlan:
+    """What an invocation will do with one stage: ``done`` (kept as it is), ``build`` (new or
+    unfinished), ``recompute`` (built under other settings; ``reasons`` says which changed)."""
+
+    name: str
+    action: str
+    reasons: list[str] = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunPlan:
+    stages: list[Stage]
+    plans: list[StagePlan]
+    files: dict[str, Any]
+    previous: dict[str, Any]
+
+    def by_name(self) -> dict[str, StagePlan]:
+        return {p.name: p for p in self.plans}
+
+    def lines(self) -> list[str]:
+        """One line per stage that will do work, with why."""
+        out = []
+        for p in self.plans:
+            if p.action == "recompute":
+                out.append(f"recompute {p.name}: {'; '.join(p.reasons)}")
+            elif p.action == "build":
+                out.append(f"build {p.name}")
+        return out
+
+
+def plan_run(recipe: Recipe, stages: Sequence[Stage], run_dir: str | Path | None = None) -> RunPlan:
+    """Which stages an invocation of ``recipe`` in ``run_dir`` will build, recompute or keep, and
+    why; reads the run directory, writes nothing, starts nothing."""
+    rd = resolve_run_dir(recipe, run_dir)
+    previous = mf.read_manifest(rd)
+    order = stage_order(stages, recipe)
+    files = source_files(recipe, previous.get("sources") or {})
+    fps = stage_fingerprints(order, recipe, files)
+    store = ArtifactStore(rd)
+    plans: list[StagePlan] = []
+    recomputed: set[str] = set()
+    for stage in order:
+        fp = fps[stage.name]
+        info = store.done_info(stage.name) if store.is_built(stage.name) else None
+        if info is not None and "fingerprint" not in info and previous.get("recipe_hash") in (None, recipe.hash()):
+            # Finished by a bard_data that kept no fingerprints, from this very recipe: adopted.
+            plans.append(StagePlan(stage.name, "done", ["adopted"], fp))
+        elif store.is_done(stage.name, fp["fingerprint"]):
+            plans.append(StagePlan(stage.name, "done", [], fp))
+        elif info is not None and info.get("fingerprint") != fp["fingerprint"]:
+            old = info.get("basis") if info.get("fingerprint") else None
+            reasons = why_recompute(old, fp["basis"], recomputed) or ["settings changed"]
+            plans.append(StagePlan(stage.name, "recompute", reasons, fp))
+            recomputed.add(stage.name)
+        else:
+            plans.append(StagePlan(stage.name, "build", [], fp))
+            recomputed.add(stage.name)
+    return RunPlan(order, plans, files, previous)
+
+
 def run(recipe: Recipe, stages: Sequence[Stage], run_dir: str | Path | None = None, quiet: bool = False,
         until: Optional[str] = None, hooks: Optional[list] = None,
         executor: Optional[ExecutorConfig] = None) -> RunContext:
     """Run (or resume) every enabled stage of ``stages``; return the context (closed) for
-    inspection. ``executor`` overrides the recipe's executor section (where LLM shards run)."""
+    inspection. ``executor`` overrides the recipe's executor section (where LLM shards run).
+
+    An edited recipe recomputes the stages whose fingerprint changed (and their descendants);
+    the others are kept as they are (``plan_run`` says which, and why)."""
     if executor is not None:
         recipe = recipe.model_copy(update={"executor": executor})
     rd = resolve_run_dir(recipe, run_dir)
-    previous = mf.read_manifest(rd)
-    mf.check_recipe(recipe, rd, previous)
     fresh = not rd.exists()
     rd.mkdir(parents=True, exist_ok=True)
     lock = RunLock(rd).acquire()
     try:
-        return _run_locked(recipe, stage_order(stages, recipe), rd, previous, fresh, quiet, until, hooks)
+        return _run_locked(recipe, stages, rd, fresh, quiet, until, hooks)
     finally:
         lock.release()
 
 
-def _run_locked(recipe: Recipe, stages: list[Stage], rd: Path, previous: dict, fresh: bool, quiet: bool,
+def _run_locked(recipe: Recipe, stages: Sequence[Stage], rd: Path, fresh: bool, quiet: bool,
                 until: Optional[str], hooks: Optional[list]) -> RunContext:
     started = time.time()
     ctx = RunContext(recipe, rd, quiet=quiet, invocation=f"{int(started * 1000)}-{os.getpid()}")
     ctx.shard_hooks.extend(hooks or [])
-    names = [s.name for s in stages]
     executor = None
     try:
         leftovers = remove_temp_files(rd)
         if leftovers:
             log.info("%s: removed %d temporary file(s) an interrupted run left", rd, leftovers)
-        sources = check_sources(recipe, ctx.store, previous.get("sources") or {})
-        _verify_done(ctx.store, stages)
-        pending = [s.name for s in stages if not ctx.store.is_done(s.name)]
+        plan = plan_run(recipe, stages, rd)
+        order, previous = plan.stages, plan.previous
+        names = [s.name for s in order]
+        _verify_done(ctx.store, order)
+        for p in plan.plans:  # stamp adopted tables, so the next edit knows what they were built from
+            if p.reasons == ["adopted"]:
+                ctx.store.mark_done(p.name, {**ctx.store.done_info(p.name), **p.fingerprint})
+        fps = {p.name: p.fingerprint for p in plan.plans}
+        pending = [t for t in names if not ctx.store.is_done(t, fps[t]["fingerprint"])]
         if until in names:
             pending = [t for t in pending if names.index(t) <= names.index(until)]
+        for line in plan.lines():
+            log.info("%s", line)
         if pending:
-            preflight(ctx, pending)
+            preflight(ctx, [s for s in order if s.name in pending])
             executor = make_executor(recipe.executor)
     except BaseException:
         ctx.close()
         if fresh and all(p.name == ".lock" for p in rd.iterdir()):
             shutil.rmtree(rd, ignore_errors=True)  # a bad input leaves no run directory behind
         raise
+    recomputed = [p.name for p in plan.plans if p.action == "recompute" and p.name in pending]
+    history = list(previous.get("history") or [])
+    if not history or history[-1].get("recipe_hash") != recipe.hash() or recomputed:
+        history.append({"recipe_hash": recipe.hash(), "time": started, "invocation": ctx.invocation,
+                        "recomputed": recomputed, "reasons": {p.name: p.reasons for p in plan.plans
+                                                              if p.name in recomputed}})
     manifest = {
         "name": recipe.name,
         "recipe": recipe.resolved_dict(),
@@ -244,7 +333,10 @@ def _run_locked(recipe: Recipe, stages: list[Stage], rd: Path, previous: dict, f
         "models": mf.models(recipe),
         "seeds": mf.seeds(recipe),
         "stages": names,
-        "sources": sources,
+        "fingerprints": {t: fps[t]["fingerprint"] for t in names},
+        "sources": plan.files,
+        "history": history,
+        "cache": str(ctx.cache_path),
         "invocations": mf.reconcile_invocations(previous.get("invocations", []), ctx.cache.ledger),
         "timings": previous.get("timings", {}),
     }
@@ -259,11 +351,11 @@ def _run_locked(recipe: Recipe, stages: list[Stage], rd: Path, previous: dict, f
     try:
         save()
         retry_from: Optional[str] = None  # the first table with rows awaiting an LLM retry
-        for stage in stages:
-            if ctx.store.is_done(stage.name):
+        for stage in order:
+            if stage.name not in pending:
                 continue
             t0 = time.perf_counter()
-            run_stage(ctx, stage, executor)
+            run_stage(ctx, stage, executor, fps[stage.name])
             dt = time.perf_counter() - t0
             errors = ctx.store.llm_errors(stage.name)
             if errors:
@@ -276,9 +368,10 @@ def _run_locked(recipe: Recipe, stages: list[Stage], rd: Path, previous: dict, f
             save()
             if until and stage.name == until:
                 break
-        ctx.store.write_table("funnel", build_funnel(ctx.store, names))
+        if invocation["stages_run"] or not ctx.store.exists("funnel"):
+            ctx.store.write_table("funnel", build_funnel(ctx.store, names))
         manifest["llm_errors"] = {t: n for t in names if (n := ctx.store.llm_errors(t))}
-        manifest["complete"] = all(ctx.store.is_done(t) for t in names)
+        manifest["complete"] = all(ctx.store.is_done(t, fps[t]["fingerprint"]) for t in names)
     except KeyboardInterrupt:
         status = "interrupted"
         raise

@@ -128,7 +128,7 @@ class ArtifactStore:
         return rec if isinstance(rec, dict) else None
 
     def shard_problem(self, table: str, shard: int, expected_hash: str | None = None,
-                      retry_errors: bool = False) -> str | None:
+                      retry_errors: bool = False, fingerprint: str | None = None) -> str | None:
         """Why shard ``shard`` of ``table`` is not finished, or None when it is.
 
         Damage (an unreadable part, a funnel that does not parse or does not match its part,
@@ -164,13 +164,11 @@ class ArtifactStore:
             return "damaged"
         if expected_hash is not None and rec.get("input_hash") != expected_hash:
             return "stale"  # its input changed (or it predates input hashes): recompute, quietly
+        if fingerprint is not None and rec.get("fingerprint") != fingerprint:
+            return "stale"  # built under other settings (an edited recipe): recompute, quietly
         if retry_errors and any(int((rec.get("dropped") or {}).get(r, 0)) for r in RETRY_REASONS):
             return "llm_error"
         return None
-
-    def has_shard(self, table: str, shard: int, expected_hash: str | None = None,
-                  retry_errors: bool = False) -> bool:
-        return self.shard_problem(table, shard, expected_hash, retry_errors) is None
 
     def shard_indices(self, table: str) -> list[int]:
         """Shard numbers that have any file (part, funnel record or excluded rows)."""
@@ -246,9 +244,11 @@ class ArtifactStore:
                 self.remove_shard(table, i)
         atomic_write_json(self.layout_path(table), layout)
 
-    def finish_table(self, table: str, layout: dict[str, Any]) -> None:
+    def finish_table(self, table: str, layout: dict[str, Any], info: dict[str, Any] | None = None) -> None:
+        """Layout written, shards beyond it removed, then the done marker (with ``info``: the
+        stage's fingerprint and what it was computed from)."""
         self.start_table(table, layout)
-        self.mark_done(table, layout)
+        self.mark_done(table, {**layout, **(info or {})})
 
     def is_built(self, table: str) -> bool:
         """Whole, finished or provisional (see ``is_done``)."""
@@ -264,9 +264,13 @@ class ArtifactStore:
     def unmark_done(self, table: str) -> None:
         (self.table_dir(table) / "_SUCCESS").unlink(missing_ok=True)
 
-    def is_done(self, table: str) -> bool:
+    def is_done(self, table: str, fingerprint: str | None = None) -> bool:
+        """Finished (not provisional) and, when ``fingerprint`` is given, built under it."""
         p = self.table_dir(table) / "_SUCCESS"
-        return p.exists() and not self.done_info(table).get("provisional")
+        if not p.exists():
+            return False
+        info = self.done_info(table)
+        return not info.get("provisional") and (fingerprint is None or info.get("fingerprint") == fingerprint)
 
     def done_info(self, table: str) -> dict[str, Any]:
         p = self.table_dir(table) / "_SUCCESS"

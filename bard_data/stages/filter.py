@@ -42,7 +42,7 @@ def filter_compressions(comps: pl.DataFrame, judgments: Optional[pl.DataFrame], 
 class FilterStage(Stage):
     name = "filtered_compressions"
     reads = ("compressions", "judgments")
-    sections = ("format",)
+    sections = ("format.require_within_tolerance",)
 
     def enabled(self, recipe) -> bool:
         return recipe.compression is not None

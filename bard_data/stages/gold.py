@@ -140,7 +140,7 @@ def _parts_info(store) -> list[_Part]:
 class GoldStage(Stage):
     name = "gold_chains"
     reads = ("problems", "teacher_samples", "imported_samples")
-    sections = ("teacher",)
+    sections = ("teacher.gold_policy", "teacher.min_reasoning_tokens", "teacher.max_reasoning_tokens")
 
     def run(self, ctx) -> Iterator[ShardResult]:
         t = ctx.recipe.teacher

@@ -61,7 +61,8 @@ def reference_lengths(problem_ids: pl.Series, gold: pl.DataFrame, samples: pl.Da
 class RLStage(Stage):
     name = "rl"
     reads = ("problems", "teacher_samples", "imported_samples", "gold_chains")
-    sections = ("format", "compression", "seed")
+    sections = ("format.budget_template", "format.budget_placement", "format.question_template",
+                "format.system_prompt", "format.rl", "compression.budgets", "seed")
 
     def reads_for(self, recipe) -> tuple[str, ...]:
         return self.reads + (("sft",) if recipe.format.rl.budget_from == "balance_bins" else ())

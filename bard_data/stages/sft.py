@@ -47,7 +47,8 @@ def _slice_bounds(plan: pl.DataFrame, gtext: dict, ctext: dict, max_bytes: int) 
 class SFTStage(Stage):
     name = "sft"
     reads = ("gold_chains", "compressions", "filtered_compressions")
-    sections = ("balance", "format", "seed")
+    sections = ("balance", "format.budget_template", "format.budget_placement", "format.question_template",
+                "format.system_prompt", "seed")
 
     def run(self, ctx) -> Iterator[ShardResult]:
         """Balancing and the standard mix run on the rows without their text (a row index stands

@@ -46,7 +46,8 @@ def verify_samples(ctx, df: pl.DataFrame, untagged: str = "last_paragraph") -> p
 class TeacherStage(ShardedStage):
     name = "teacher_samples"
     reads = ("problems",)
-    sections = ("teacher", "student")
+    sections = ("teacher.enabled", "teacher.backend", "teacher.sampling", "teacher.seed", "teacher.system_prompt",
+                "teacher.samples_per_problem", "teacher.prompt_template", "teacher.untagged", "student")
 
     def enabled(self, recipe) -> bool:
         return recipe.teacher is not None and recipe.teacher.enabled
