@@ -109,16 +109,26 @@ def end_trainer(trainer) -> None:
 
 
 def train_main(parse_args, build_trainer, argv=None) -> int:
-    """The body of ``bard-data train sft|grpo``: config to trainer, train, save, finish."""
+    """The body of ``bard-data train sft|grpo``: config to trainer, train, save, finish.
+
+    Under ``accelerate launch`` every rank runs this: ``save_model`` is called on every rank (ZeRO-3
+    and FSDP gather the weights there; the main process writes), only the main process prints,
+    and the ranks wait for each other before the process group is torn down (a rank that got there
+    while the main process was still writing could hang on exit over gloo)."""
     import sys
 
     script_args, training_args, model_args = parse_args(argv if argv is not None else sys.argv[1:])
     trainer = build_trainer(script_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
+    acc = trainer.accelerator
+    if acc.is_main_process:
         save_prompt_format(script_args.dataset_name, training_args.output_dir)
-    print(f"saved to {training_args.output_dir}")
+        dist = getattr(acc.distributed_type, "value", acc.distributed_type)
+        print(f"trained {trainer.state.global_step} steps: world_size={acc.num_processes} "
+              f"distributed_type={dist} backend={acc.state.backend}")
+        print(f"saved to {training_args.output_dir}")
+    acc.wait_for_everyone()
     end_trainer(trainer)
     return 0
 

@@ -21,8 +21,9 @@ reward function: ``budget/deviation_mean`` (mean |n-b|/b), ``budget/within_toler
 
 Prompts can be filtered by teacher pass rate (``difficulty_min``/``difficulty_max`` on the
 ``difficulty`` column; rows with no difficulty kept unless ``keep_unknown_difficulty: false``).
-vLLM generation is GRPOConfig's ``use_vllm`` (``vllm_mode: colocate`` on one node); it is off in the
-CPU configs.
+vLLM generation is GRPOConfig's ``use_vllm``: ``vllm_mode: colocate`` (inside each training process)
+or ``server`` (a ``trl vllm-serve`` process on its own GPUs; ``configs/grpo_paper_server.yaml``); it
+is off in the CPU configs.
 """
 
 from __future__ import annotations
