@@ -21,6 +21,7 @@ import threading
 from decimal import Decimal, InvalidOperation
 from typing import Iterable
 
+from bard_data.config.think_tags import THINK, ThinkTags
 from bard_data.text.reasoning import split_reasoning
 
 __all__ = ["normalize_gold", "extract_answer", "verify", "answers_equal_batch"]
@@ -275,17 +276,17 @@ def normalize_gold(raw: str | int | float | None, fmt: str = "auto", timeout_s: 
         return None
 
 
-def extract_answer(text: str | None) -> str | None:
+def extract_answer(text: str | None, tags: ThinkTags = THINK) -> str | None:
     """The final answer in a model's output, as a short string for ``verify``.
 
-    With think tags, only the response after ``</think>`` is searched (an unclosed think block
-    has no answer). Order: last ``\\boxed{}``; last ``#### N``; last "answer is X" / "Answer: X";
-    the last number in the text. None when nothing is found.
+    With think tags (``tags``' convention, default ``<think>``), only the response after the close
+    tag is searched (an unclosed think block has no answer). Order: last ``\\boxed{}``; last
+    ``#### N``; last "answer is X" / "Answer: X"; the last number in the text. None when nothing is found.
     """
     if not text or not text.strip():
         return None
-    if "</think>" in text or "<think>" in text:
-        _, text, _ = split_reasoning(text)
+    if tags.close in text or tags.open in text:
+        _, text, _ = split_reasoning(text, tags.open, tags.close, (tags.answer_open, tags.answer_close))
         if not text:
             return None
 
