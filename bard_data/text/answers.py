@@ -26,7 +26,10 @@ from bard_data.text.reasoning import split_reasoning
 
 __all__ = ["normalize_gold", "extract_answer", "verify", "answers_equal_batch"]
 
-GOLD_FORMATS = ("auto", "gsm8k", "boxed", "latex", "number")
+GOLD_FORMATS = ("auto", "gsm8k", "boxed", "latex", "number", "solution")
+# A reference solution without a box is taken as the answer itself only when it is this short and
+# on one line (s1K's `solution` is often just "128"); a longer one has no answer to find.
+SHORT_SOLUTION_CHARS = 64
 
 # Longer than any real final answer; longer strings are whole solutions or garbage, and parsing
 # them off the main thread would have no time limit.
@@ -225,9 +228,11 @@ def normalize_gold(raw: str | int | float | None, fmt: str = "auto", timeout_s: 
     """Normalize a gold answer to a short string math-verify parses; None when unusable.
 
     fmt: "gsm8k" (worked solution ending in ``#### N``), "boxed" (solution text, last
-    ``\\boxed{}``/``\\fbox{}``), "latex" (a bare LaTeX answer), "number", or "auto" (detected:
-    ``####`` -> gsm8k, a box -> boxed, a plain number -> number, else latex). Plain numbers are
-    canonical: no thousands separators or ``$``, no trailing zeros ("27.0" -> "27").
+    ``\\boxed{}``/``\\fbox{}``), "latex" (a bare LaTeX answer), "number", "auto" (detected:
+    ``####`` -> gsm8k, a box -> boxed, a plain number -> number, else latex), or "solution" (a
+    reference solution: its last box; without one, the text itself only when it is a short single
+    line, else None). Plain numbers are canonical: no thousands separators or ``$``, no trailing
+    zeros ("27.0" -> "27").
     """
     if fmt not in GOLD_FORMATS:
         raise ValueError(f"fmt must be one of {GOLD_FORMATS}, got {fmt!r}")
@@ -243,6 +248,14 @@ def normalize_gold(raw: str | int | float | None, fmt: str = "auto", timeout_s: 
     s = raw.strip()
     if not s:
         return None
+
+    if fmt == "solution":
+        if _BOXED_RE.search(s):
+            fmt = "boxed"
+        elif "\n" not in s and len(s) <= SHORT_SOLUTION_CHARS:
+            fmt = "auto"
+        else:
+            return None
 
     if fmt == "auto":
         if "####" in s:
