@@ -306,6 +306,10 @@ MISMATCHES = {
     "list_flag_not_a_flag": (
         "openr1", lambda rs: [_r1_row(r, generations=[_think(1), _think(2)], correctness_math_verify=[1, 2]) for r in rs],
         "column 'correctness_math_verify' (columns.correct) row 0 item 1: not a correctness flag: 2"),
+    "list_of_flags_for_one_trace": (
+        "numina-qwq", lambda rs: [{"prompt": r["problem"], "response": _think(r["answer"]), "correct": [True, False],
+                                   "ground_truth": r["answer"]} for r in rs],
+        "column 'correct' (columns.correct) row 0: 2 item(s) for the one trace in 'response' (columns.generation)"),
     "string_in_one_line_a_list_in_another": (
         "openr1", lambda rs: [_r1_row(r, generations=_think(1) if i == 2 else [_think(1)]) for i, r in enumerate(rs)],
         "column 'generations' row 2: a scalar where row 0 has a list (one kind of value per column)"),

@@ -174,7 +174,7 @@ def _parse_flags(tf: TraceFile, df: pl.DataFrame, listed: bool) -> pl.Series:
         key = str(int(v)) if isinstance(v, (int, float)) and float(v).is_integer() else str(v)
         flag = FLAG_WORDS.get(key.strip().lower())
         if flag is None:
-            i = int((s == v).arg_true()[0])
+            i = next(j for j, x in enumerate(s.to_list()) if x is not None and (x == v or (x != x and v != v)))
             raise tf.error("correct", int(df["source_row"][i]),
                            f"not a correctness flag: {v!r} (use true/false, yes/no, correct/incorrect or 1/0, any case)",
                            int(df["sample_index"][i]) if listed else None)
@@ -196,6 +196,14 @@ def _one_per_trace(tf: TraceFile, df: pl.DataFrame) -> tuple[pl.DataFrame, set]:
     if not is_list:
         return df.with_columns(pl.lit(0, pl.Int64).alias("sample_index")), set()
     primary = next((k for k in (*TEXT_KEYS, "correct", "model") if k in is_list))
+    if primary not in TEXT_KEYS:  # one trace per row, but flags or models listed: one item each
+        text = next(k for k in TEXT_KEYS if cols[k])
+        c = pl.col(cols[primary])
+        bad = df.filter(c.is_not_null() & (c.list.len() != 1))
+        if bad.height:
+            r = bad.row(0, named=True)
+            raise tf.error(primary, r["source_row"], f"{len(r[cols[primary]])} item(s) for the one trace in "
+                           f"'{cols[text]}' (columns.{text})")
     ref = pl.col(cols[primary])
     for k in sorted(is_list - {primary}, key=LISTABLE.index):
         c = pl.col(cols[k])
