@@ -12,7 +12,8 @@ Definitions (all knobs in ``RewardConfig``, none hidden):
 
 - **R_acc** = 1 when the answer extracted from the response verifies against the gold answer
   (``bard_data.text.answers.verify``: math-verify for math, exact letter match for multiple choice),
-  else 0. The answer is looked for after ``</think>``; a completion with no think tags at all is all
+  else 0. The answer is looked for after ``</think>`` (``think_open``/``think_close``: the dataset's
+  convention, ``bard_data.text.reasoning``); a completion with no think tags at all is all
   response. An *unclosed* ``<think>`` (ran out of tokens while thinking) has no answer: an
   answer-looking tail of unfinished thinking is not an answer (``bard_data.text.reasoning``'s rule).
   An unparsable gold or prediction scores 0.
@@ -61,7 +62,9 @@ from bard_data.budget.statement import parse_budget
 from bard_data.config.base import Strict
 from bard_data.config.budget import BudgetConfig
 from bard_data.config.stages import DEFAULT_BUDGET_TEMPLATE, FormatConfig
+from bard_data.config.think_tags import ThinkTags
 from bard_data.text.answers import extract_answer, verify
+from bard_data.text.reasoning import reasoning_span
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,12 @@ class RewardConfig(Strict):
     think_open_id: Optional[int] = None
     think_close_id: Optional[int] = None
     verify_timeout_s: float = Field(5.0, gt=0, description="math-verify timeout (main thread only)")
+
+    @property
+    def tags(self) -> ThinkTags:
+        """The think-tag convention: the dataset's ``student.think_tags`` when the trainer passes them
+        (``bard_data.report.published.think_tags``), else ``<think>``/``</think>``."""
+        return ThinkTags(open=self.think_open, close=self.think_close)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,10 +223,7 @@ class TokenCounter:
     def reasoning_text(self, text: str) -> tuple[str, bool]:
         """(reasoning, closed): the text inside the think block; a missing close tag means the
         reasoning runs to the end (also when there are no tags at all)."""
-        o_tag, c_tag = self.cfg.think_open, self.cfg.think_close
-        c = text.find(c_tag)
-        head = text if c < 0 else text[:c]
-        return head.replace(o_tag, "").replace(c_tag, "").strip(), c >= 0
+        return reasoning_span(text, self.cfg.tags)
 
     def count_texts(self, texts: list[str]) -> list[int]:
         if self.tokenizer is None:
@@ -309,7 +315,7 @@ def _accuracy(completions, columns: dict, cfg: RewardConfig) -> list[float]:
         raise ValueError("accuracy reward needs a 'solution' (or 'answer') column with the gold answers")
     out = []
     for c, g in zip(completions, gold):
-        pred = extract_answer(completion_text(c))
+        pred = extract_answer(completion_text(c), cfg.tags)
         out.append(1.0 if pred is not None and verify(pred, g, timeout_s=cfg.verify_timeout_s) else 0.0)
     return out
 

@@ -116,10 +116,11 @@ def test_eval_prompts_use_the_datasets_wording(custom_build, tiny_model_dir):
     args = SimpleNamespace(dataset=str(published), model=str(tiny_model_dir), budget_template=None,
                            budget_placement=None, question_template=None, system_prompt=None, tolerance=None,
                            one_sided=None)
-    fmt, bud, source = prompt_format_for(args)
+    fmt, bud, tags, source = prompt_format_for(args)
     assert (fmt.budget_template, fmt.budget_placement, bud.tolerance) == (WORDING, "user_suffix", 1000.0)
     assert source.endswith("bard_run.json")
+    assert (tags.open, tags.close) == ("<think>", "</think>")
     assert prompt_messages(fmt, "q", 64)[-1]["content"].endswith("\n\nThink for at most 64 tokens, then answer.")
     args.budget_placement = "system"  # a flag overrides one setting
-    fmt, _, _ = prompt_format_for(args)
+    fmt, _, _, _ = prompt_format_for(args)
     assert fmt.budget_template == WORDING and fmt.budget_placement == "system"

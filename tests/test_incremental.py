@@ -254,3 +254,29 @@ def test_diff_of_exported_datasets(base, tmp_path):
     assert d["sft"]["rows_b"] == ArtifactStore(copy).read("sft").height
     x, y = d["parts"]["budget_histogram"]
     assert (x.height, y.height) == (3, 4)
+
+
+def test_a_trace_edit_rebuilds_problems_only_when_the_trace_defines_problems(base, tmp_path):
+    """problems reads a trace file only when it has problems_from: other trace edits leave the
+    problems' fingerprint (and so teacher_samples') as it was."""
+    from bard_data.config import parse_recipe
+    from bard_data.pipeline.fingerprints import source_files, stage_fingerprints
+    from bard_data.pipeline.runner import stage_order
+    from bard_data.stages import STAGES
+
+    data, _ = base
+
+    def fps(edit):
+        d = json.loads(json.dumps(data))
+        edit(d)
+        r = parse_recipe(d, "<test>", tmp_path)
+        order = stage_order(STAGES, r)
+        return {k: v["fingerprint"] for k, v in stage_fingerprints(order, r, source_files(r, {})).items()}
+
+    ref = fps(lambda d: None)
+    limited = fps(lambda d: d["traces"][0].update(limit=5))
+    assert limited["problems"] == ref["problems"] and limited["teacher_samples"] == ref["teacher_samples"]
+    assert limited["imported_samples"] != ref["imported_samples"]
+    defining = fps(lambda d: d["traces"][0].update(problems_from=True, columns={**d["traces"][0]["columns"],
+                                                                                  "answer": "answer"}))
+    assert defining["problems"] != ref["problems"]

@@ -271,9 +271,10 @@ MODEL_FORMAT_FILE = "bard_prompt_format.json"
 
 
 def prompt_format_for(args):
-    """(FormatConfig, BudgetConfig, where they came from): the dataset's (``--dataset``), else the
-    file the trainers save beside the model, else the defaults; flags override single settings."""
-    from bard_data.report.published import budget_config, build_info, format_config
+    """(FormatConfig, BudgetConfig, ThinkTags, where they came from): the dataset's
+    (``--dataset``), else the file the trainers save beside the model, else the defaults; flags
+    override single settings."""
+    from bard_data.report.published import budget_config, build_info, format_config, think_tags
 
     info: dict[str, Any] = {}
     if getattr(args, "dataset", None):
@@ -294,7 +295,7 @@ def prompt_format_for(args):
                                                         "system_prompt")})
     one_sided = None if flags["one_sided"] is None else str(flags["one_sided"]).lower() == "true"
     bud = budget_config(info, tolerance=flags["tolerance"], one_sided=one_sided)
-    return fmt, bud, info.get("source", "defaults")
+    return fmt, bud, think_tags(info), info.get("source", "defaults")
 
 
 def run_eval(args) -> dict[str, Any]:
@@ -320,11 +321,12 @@ def run_eval(args) -> dict[str, Any]:
         log.warning("largest budget %d exceeds --max-tokens %d: long chains are cut by the token limit",
                     budgets[-1], args.max_tokens)
     problems = load_eval_set(args.data, args.limit)
-    fmt, bud, fmt_source = prompt_format_for(args)
+    fmt, bud, tags, fmt_source = prompt_format_for(args)
     log.info("prompt format from %s", fmt_source)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    rcfg = RewardConfig(tolerance=bud.tolerance, one_sided=bud.one_sided, budget_template=fmt.budget_template,
+    rcfg = RewardConfig(tolerance=bud.tolerance, one_sided=bud.one_sided, think_open=tags.open, think_close=tags.close,
+                        budget_template=fmt.budget_template,
                         budget_placement=fmt.budget_placement)
     counter = TokenCounter(tokenizer, rcfg)
     acc_fn = RewardFunction("accuracy", rcfg)

@@ -104,9 +104,9 @@ def load_rl_dataset(script_args: GRPOScriptArguments):
 
 
 def build_rewards(script_args: GRPOScriptArguments, tokenizer) -> list:
-    """The configured rewards; budget fidelity (tolerance, one-sided) and the budget statement
-    are the dataset's (what it was built and filtered with) unless the config overrides them."""
-    from bard_data.report.published import budget_config, build_info, format_config
+    """The configured rewards; budget fidelity (tolerance, one-sided), the budget statement and the
+    think tags are the dataset's (what it was built and filtered with) unless the config overrides them."""
+    from bard_data.report.published import budget_config, build_info, format_config, think_tags
     from bard_data.rewards import get_reward
 
     if not script_args.reward_funcs:
@@ -126,6 +126,9 @@ def build_rewards(script_args: GRPOScriptArguments, tokenizer) -> list:
         shape=script_args.reward_shape,
         budget_template=fmt.budget_template,
         budget_placement=fmt.budget_placement,
+        # What the dataset's SFT rows delimit reasoning with: R_bud counts it, R_acc reads the answer after it.
+        think_open=think_tags(info).open,
+        think_close=think_tags(info).close,
     )
     log.info("R_bud: tolerance %s, one_sided %s (%s)", bud.tolerance, bud.one_sided, info.get("source", "defaults"))
     return [

@@ -22,8 +22,9 @@ from typing import Optional
 import polars as pl
 
 from bard_data.config.stages import FormatConfig
+from bard_data.config.think_tags import THINK, ThinkTags
 from bard_data.errors import RecipeError
-from bard_data.text.reasoning import format_think
+from bard_data.text.reasoning import format_think, think_layout
 from bard_data.text.templates import ENV, render
 
 __all__ = ["MESSAGES_DTYPE", "budget_line", "prompt_messages", "messages_column", "parse_budget", "check_round_trip"]
@@ -103,16 +104,17 @@ def prompt_messages(cfg: FormatConfig, question: str, budget: Optional[int]) -> 
 MESSAGES_DTYPE = pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8}))
 
 
-def messages_column(cfg, questions, budgets, reasonings=None, responses=None) -> pl.Series:
+def messages_column(cfg, questions, budgets, reasonings=None, responses=None, tags: ThinkTags = THINK) -> pl.Series:
     """The ``messages`` (or RL ``prompt``) column: ``prompt_messages`` per row, plus the assistant
-    turn ``format_think(reasoning, response)`` when reasonings are given.
+    turn ``format_think(reasoning, response, tags)`` when reasonings are given (``tags``: the
+    recipe's ``student.think_tags``).
 
     Templates that only substitute their variable (the defaults, and most in practice) are
     rendered as column-wise string concatenation, with the same result as jinja2 row by row
     (which costs ~10 us a row and a Python list of dicts per row at a million rows); any other
     template goes through ``prompt_messages`` row by row.
     """
-    fast = _messages_fast(cfg, questions, budgets, reasonings, responses)
+    fast = _messages_fast(cfg, questions, budgets, reasonings, responses, tags)
     if fast is not None:
         return fast
     questions, budgets = _as_list(questions), _as_list(budgets)
@@ -121,7 +123,7 @@ def messages_column(cfg, questions, budgets, reasonings=None, responses=None) ->
     for i, (q, b) in enumerate(zip(questions, budgets)):
         msgs = prompt_messages(cfg, q, b)
         if reasonings is not None:
-            msgs = msgs + [{"role": "assistant", "content": format_think(reasonings[i], responses[i])}]
+            msgs = msgs + [{"role": "assistant", "content": format_think(reasonings[i], responses[i], tags)}]
         rows.append(msgs)
     return pl.Series(rows, dtype=MESSAGES_DTYPE)
 
@@ -157,7 +159,7 @@ def _fill(parts: list, value: pl.Expr) -> pl.Expr:
     return pl.concat_str([value if p is None else pl.lit(p, pl.Utf8) for p in parts] or [pl.lit("", pl.Utf8)])
 
 
-def _messages_fast(cfg, questions, budgets, reasonings, responses) -> Optional[pl.Series]:
+def _messages_fast(cfg, questions, budgets, reasonings, responses, tags: ThinkTags = THINK) -> Optional[pl.Series]:
     q_parts = _template_parts(cfg.question_template, "question")
     b_parts = _template_parts(cfg.budget_template, "budget")
     if q_parts is None or b_parts is None:
@@ -197,8 +199,9 @@ def _messages_fast(cfg, questions, budgets, reasonings, responses) -> Optional[p
     uniform = sys_with_b == sys_without_b or n_b in (0, df.height)
     think = None
     if reasonings is not None:
-        think = pl.concat_str([pl.lit("<think>\n"), pl.col("r").fill_null("None"), pl.lit("\n</think>\n\n"),
-                               pl.col("s").fill_null("None")])
+        before, between, after = think_layout(tags)
+        think = pl.concat_str([pl.lit(before), pl.col("r").fill_null("None"), pl.lit(between),
+                               pl.col("s").fill_null("None"), pl.lit(after)])
     if not uniform:
         msgs = [pl.when(system.is_not_null() & (system != "")).then(pl.struct(role=pl.lit("system"), content=system)),
                 pl.struct(role=pl.lit("user"), content=user)]

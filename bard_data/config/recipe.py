@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bard_data.config.base import Strict, looks_like_path
 from bard_data.config.budget import BalanceConfig, BudgetConfig
@@ -36,7 +36,7 @@ class Recipe(Strict):
     shard_size: int = Field(32, gt=0, description="rows per shard of an LLM stage")
     license: str = "other"
     student: StudentConfig
-    sources: list[ProblemSource] = Field(min_length=1)
+    sources: list[ProblemSource] = Field(default_factory=list, description="problem sets (or traces with problems_from)")
     teacher: Optional[TeacherConfig] = None
     traces: list[TraceSource] = Field(default_factory=list, description="imported teacher traces")
     decontamination: Optional[DecontamConfig] = None
@@ -59,6 +59,26 @@ class Recipe(Strict):
         if dup:
             raise ValueError(f"source names must be unique; repeated: {sorted(dup)}")
         return v
+
+    @field_validator("traces")
+    @classmethod
+    def _unique_trace_names(cls, v: list[TraceSource]) -> list[TraceSource]:
+        names = [t.name for t in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"trace source names must be unique; repeated: {sorted(dup)}")
+        return v
+
+    @model_validator(mode="after")
+    def _some_problems(self) -> "Recipe":
+        own = [t.name for t in self.traces if t.problems_from]
+        if not self.sources and not own:
+            raise ValueError("no problems: list `sources`, or set `problems_from: true` on a trace source")
+        clash = sorted({s.name for s in self.sources} & set(own))
+        if clash:
+            raise ValueError(f"a source and a trace source with problems_from share the name(s) {clash}: problems "
+                             "carry their source's name, so rename one")
+        return self
 
     def resolve(self, p: str, force: bool = False) -> str:
         """A recipe path made absolute against the recipe's folder; Hub ids pass through."""

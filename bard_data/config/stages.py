@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from bard_data.config.base import Strict
 from bard_data.config.budget import BudgetScheduleConfig
 from bard_data.config.llm import LLMStageConfig
+from bard_data.config.think_tags import ThinkTags
 
 DEFAULT_TEACHER_PROMPT = (
     "{{ question }}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -29,6 +30,10 @@ class TeacherConfig(LLMStageConfig):
 class StudentConfig(Strict):
     tokenizer: str = Field(description="budgets are counted in this tokenizer's tokens")
     trust_remote_code: bool = False
+    think_tags: ThinkTags = Field(
+        default_factory=ThinkTags,
+        description="what reasoning is, everywhere the student is concerned: the split of sampled traces and "
+        "compressions, the SFT assistant turns, the reward (by name: think, begin_of_thought, im_start; or {open, close})")
 
 
 DEFAULT_COMPRESSION_PROMPT = """\

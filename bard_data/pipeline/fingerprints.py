@@ -91,6 +91,7 @@ def _outside(path: tuple[str, ...]) -> bool:
 
 def _strip(value: Any, path: tuple[str, ...] = ()) -> Any:
     """``value`` without the keys of ``OUTSIDE_FINGERPRINTS``."""
+    path = tuple(p for p in path if not p.isdigit())  # "traces.0.path" is matched as "traces.path"
     if isinstance(value, dict):
         return {k: _strip(v, (*path, k)) for k, v in value.items() if not _outside((*path, k))}
     if isinstance(value, list):
@@ -100,7 +101,10 @@ def _strip(value: Any, path: tuple[str, ...] = ()) -> Any:
 
 def _get(data: Any, path: str) -> Any:
     for key in path.split("."):
-        data = data.get(key) if isinstance(data, dict) else None
+        if isinstance(data, list) and key.isdigit():
+            data = data[int(key)] if int(key) < len(data) else None
+        else:
+            data = data.get(key) if isinstance(data, dict) else None
     return data
 
 
@@ -118,13 +122,14 @@ def stage_basis(stage: Stage, recipe: Recipe, recipe_dict: dict[str, Any], input
                 files: dict[str, Any]) -> dict[str, Any]:
     """What a stage's fingerprint hashes: its version, its sections' values, its inputs'
     fingerprints and the content hashes of the files its sections name."""
-    secs = stage.sections
+    secs = stage.sections_for(recipe)
+    roots = {sec.split(".", 1)[0] for sec in secs}
     return {
         "stage": stage.name,
         "version": stage.version,
         "sections": section_values(recipe_dict, secs),
         "inputs": dict(sorted(inputs.items())),
-        "files": {k: v.get("sha256") for k, v in sorted(files.items()) if k.split("[", 1)[0] in secs},
+        "files": {k: v.get("sha256") for k, v in sorted(files.items()) if k.split("[", 1)[0] in roots},
     }
 
 

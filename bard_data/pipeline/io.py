@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +27,6 @@ def detect_format(path: str, fmt: str = "auto") -> str:
 
 
 def _read_jsonl(path: str, limit: Optional[int]) -> pl.DataFrame:
-    import json
-
     rows = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -50,7 +49,48 @@ def _read_jsonl(path: str, limit: Optional[int]) -> pl.DataFrame:
         return pl.DataFrame()
     # Sources mix types within a column (AMC answers are floats, GSM8K's strings): keep what
     # each row has and let the mapping step cast; infer over all rows, not the first 100.
-    return pl.from_dicts(rows, infer_schema_length=None, strict=False)
+    try:
+        return pl.from_dicts(rows, infer_schema_length=None, strict=False)
+    except pl.exceptions.PolarsError:
+        mixed = _mixed_kinds(rows)
+        if mixed is None:
+            raise
+        raise DataError(f"{path}: {mixed}") from None
+
+
+def _kind(v) -> str:
+    return "list" if isinstance(v, list) else "object" if isinstance(v, dict) else "scalar"
+
+
+def _mixed_kinds(rows: list[dict]) -> Optional[str]:
+    """Where a field is a list (or an object) in one line and something else in another."""
+    first: dict[str, tuple[str, int]] = {}
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            if v is None:
+                continue
+            kind = _kind(v)
+            seen = first.setdefault(k, (kind, i))
+            if seen[0] != kind:
+                return (f"column '{k}' row {i}: a {kind} where row {seen[1]} has a {seen[0]} "
+                        "(one kind of value per column)")
+    return None
+
+
+def as_text(df: pl.DataFrame, col: str) -> pl.Expr:
+    """A source column as text; floats like AMC's 27.0 read "27", not "27.0" (``normalize_gold``
+    handles the rest)."""
+    dt = df.schema[col]
+    if dt.is_float():
+        return pl.col(col).map_elements(lambda v: repr(int(v)) if float(v).is_integer() else repr(v), return_dtype=pl.Utf8)
+    return pl.col(col).cast(pl.Utf8)
+
+
+def meta_json(columns: list[str]) -> pl.Expr:
+    """The ``meta`` column of a problem: its source's other columns as a JSON object."""
+    if not columns:
+        return pl.lit("{}")
+    return pl.struct(columns).map_elements(lambda r: json.dumps(r, default=str, ensure_ascii=False), return_dtype=pl.Utf8)
 
 
 def read_table(path: str, fmt: str = "auto", limit: Optional[int] = None,

@@ -75,6 +75,11 @@ class Stage:
         """``reads``, for stages whose inputs depend on a setting."""
         return self.reads
 
+    def sections_for(self, recipe: "Recipe") -> tuple[str, ...]:
+        """``sections`` (dotted paths; a list item by its index), narrowed to what this recipe's
+        settings make the output depend on."""
+        return self.sections
+
     def run(self, ctx: "RunContext") -> Iterable[ShardResult]:
         raise NotImplementedError
 

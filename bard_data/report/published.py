@@ -1,6 +1,6 @@
 """What a built dataset says about how it was built, for the trainers and the eval: the prompt
-format its rows were written with (budget statement, placement, question template, system prompt)
-and its budget fidelity (tolerance, one-sided or not).
+format its rows were written with (budget statement, placement, question template, system prompt),
+its budget fidelity (tolerance, one-sided or not) and its think-tag convention.
 
 A run directory keeps it in ``manifest.json`` (the resolved recipe); an export or a pushed dataset
 in ``bard_run.json`` (its ``prompt_format`` block). The GRPO reward and ``bard-data eval`` default
@@ -16,10 +16,11 @@ from typing import Any, Optional
 
 from bard_data.config.budget import BudgetConfig
 from bard_data.config.stages import FormatConfig
+from bard_data.config.think_tags import ThinkTags
 from bard_data.errors import BardError
 from bard_data.pipeline import manifest as mf
 
-__all__ = ["EXPORT_MARKER", "prompt_format", "build_info", "format_config", "budget_config"]
+__all__ = ["EXPORT_MARKER", "prompt_format", "build_info", "format_config", "budget_config", "think_tags"]
 
 # What an export writes beside the configs (sanitized manifest, tokens, balance report, prompt format).
 EXPORT_MARKER = "bard_run.json"
@@ -28,10 +29,13 @@ BUDGET_KEYS = ("tolerance", "one_sided")
 
 
 def prompt_format(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The prompt format and budget fidelity of a resolved recipe (defaults filled in)."""
+    """The prompt format, budget fidelity and think-tag convention of a resolved recipe (defaults
+    filled in)."""
     fmt = FormatConfig.model_validate(recipe.get("format") or {})
     budget = BudgetConfig.model_validate(recipe.get("budget") or {})
-    return {**{k: getattr(fmt, k) for k in FORMAT_KEYS}, **{k: getattr(budget, k) for k in BUDGET_KEYS}}
+    tags = ThinkTags.model_validate((recipe.get("student") or {}).get("think_tags") or {})
+    return {**{k: getattr(fmt, k) for k in FORMAT_KEYS}, **{k: getattr(budget, k) for k in BUDGET_KEYS},
+            "think_tags": tags.model_dump()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -82,3 +86,9 @@ def budget_config(info: dict[str, Any], **overrides: Any) -> BudgetConfig:
     b = {k: v for k, v in (info.get("prompt_format") or {}).items() if k in BUDGET_KEYS}
     b.update({k: v for k, v in overrides.items() if v is not None})
     return BudgetConfig.model_validate(b)
+
+
+def think_tags(info: dict[str, Any]) -> ThinkTags:
+    """The dataset's think-tag convention (what its SFT rows delimit reasoning with; the GRPO reward
+    counts reasoning with it); ``<think>``/``</think>`` for a dataset that does not say."""
+    return ThinkTags.model_validate((info.get("prompt_format") or {}).get("think_tags") or {})

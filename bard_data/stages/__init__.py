@@ -2,7 +2,7 @@
 stage is its module and one line here; the runner orders them by the tables they read (each
 stage's ``reads``; the README's architecture section has the table).
 
-    problems -> teacher_samples, imported_samples -> gold_chains -> compressions -> judgments
+    problems -> imported_samples, teacher_samples -> gold_chains -> compressions -> judgments
              -> filtered_compressions -> sft (and its balance report);  rl from problems, samples, gold_chains
 """
 
@@ -16,7 +16,9 @@ from bard_data.stages.sft import SFTStage
 from bard_data.stages.teacher import TeacherStage
 from bard_data.stages.traces import TracesStage
 
-STAGES = (ProblemsStage(), TeacherStage(), TracesStage(), GoldStage(), CompressStage(), JudgeStage(),
+# Imported traces before the teacher: a trace file that does not match its mapping stops the build
+# before any LLM call.
+STAGES = (ProblemsStage(), TracesStage(), TeacherStage(), GoldStage(), CompressStage(), JudgeStage(),
           FilterStage(), SFTStage(), RLStage())
 
 __all__ = ["STAGES"]

@@ -8,6 +8,7 @@ import polars as pl
 from bard_data.budget.fidelity import corrected_target, deviation, within_tolerance
 from bard_data.budget.schedule import schedule_budgets
 from bard_data.config.stages import CompressionConfig
+from bard_data.config.think_tags import THINK, ThinkTags
 from bard_data.llm.base import ChatRequest, chat_messages
 from bard_data.pipeline.stage import ShardedStage, ShardResult, concat_excluded, excluded_rows
 from bard_data.text.answers import extract_answer, verify
@@ -16,8 +17,10 @@ from bard_data.text.reasoning import split_reasoning
 from bard_data.text.templates import render
 
 
-def _compressed_reasoning(text: str) -> str:
-    reasoning, response, closed = split_reasoning(text)
+def _compressed_reasoning(text: str, tags: ThinkTags = THINK) -> str:
+    """The compressed reasoning in a compressor's output: its think block when it wrote one (in the
+    recipe's convention), else the whole text."""
+    reasoning, response, closed = split_reasoning(text, tags.open, tags.close, (tags.answer_open, tags.answer_close))
     if closed or reasoning:
         return reasoning
     return (text or "").strip()
@@ -63,7 +66,8 @@ class CompressStage(ShardedStage):
             # earlier one is still a new request, not a cache hit of the miss.
             reqs.append(ChatRequest.of(chat_messages(cfg.system_prompt, user), r["attempts"]))
         outs = llm.generate(reqs, cfg.sampling, cfg.seed)
-        texts = [_compressed_reasoning(o.text) if o.ok else "" for o in outs]
+        tags = ctx.recipe.student.think_tags
+        texts = [_compressed_reasoning(o.text, tags) if o.ok else "" for o in outs]
         counts = ctx.count_tokens(texts)
         res = []
         for r, o, t, n in zip(rows, outs, texts, counts):

@@ -1,16 +1,16 @@
-"""Problems stage: load every source, normalize gold answers, assign content ids, deduplicate,
-decontaminate against held-out benchmarks."""
+"""Problems stage: load every source (and every trace file with ``problems_from``), normalize gold
+answers, assign content ids, deduplicate, decontaminate against held-out benchmarks."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
 
 from bard_data.errors import DataError
-from bard_data.pipeline.io import read_table, require_columns
+from bard_data.pipeline.io import as_text, meta_json, read_table, require_columns
 from bard_data.pipeline.stage import ShardResult, Stage, concat_excluded, excluded_rows
+from bard_data.stages.trace_files import trace_problems
 from bard_data.text.answers import normalize_gold
 from bard_data.text.decontam import decontaminate, load_references
 from bard_data.text.ids import hash_expr, normalize_question_expr
@@ -29,31 +29,18 @@ def load_source(recipe, src) -> pl.DataFrame:
     cols = src.columns
     require_columns(df, cols.model_dump(), where)
     mapped = set(v for v in cols.model_dump().values() if v)
-    extra = [c for c in df.columns if c not in mapped]
-    meta = (
-        pl.struct(extra).map_elements(lambda r: json.dumps(r, default=str, ensure_ascii=False), return_dtype=pl.Utf8)
-        if extra
-        else pl.lit("{}")
-    )
+    meta = meta_json([c for c in df.columns if c not in mapped])
     return df.with_row_index("source_row").select(
         pl.lit(src.name).alias("source"),
         pl.col("source_row").cast(pl.Int64),
         pl.col(cols.question).cast(pl.Utf8).alias("question"),
-        _as_text(df, cols.answer).alias("raw_answer"),
+        as_text(df, cols.answer).alias("raw_answer"),
         (pl.col(cols.domain).cast(pl.Utf8) if cols.domain else pl.lit(src.domain)).alias("domain"),
         (pl.col(cols.split).cast(pl.Utf8) if cols.split else pl.lit(src.split)).alias("split"),
         (pl.col(cols.id).cast(pl.Utf8) if cols.id else pl.lit(None, pl.Utf8)).alias("source_id"),
         meta.alias("meta"),
         pl.lit(src.answer_format).alias("answer_format"),
     )
-
-
-def _as_text(df: pl.DataFrame, col: str) -> pl.Expr:
-    # Floats like AMC's 27.0 must read "27", not "27.0"; normalize_gold handles the rest.
-    dt = df.schema[col]
-    if dt.is_float():
-        return pl.col(col).map_elements(lambda v: repr(int(v)) if float(v).is_integer() else repr(v), return_dtype=pl.Utf8)
-    return pl.col(col).cast(pl.Utf8)
 
 
 def normalize_answers(df: pl.DataFrame) -> pl.DataFrame:
@@ -70,6 +57,8 @@ def normalize_answers(df: pl.DataFrame) -> pl.DataFrame:
 
 def build_problems(recipe) -> ShardResult:
     frames = [load_source(recipe, s) for s in recipe.sources]
+    # A trace file with problems_from defines problems too, read by the traces' own loader.
+    frames += [trace_problems(recipe, t) for t in recipe.traces if t.problems_from]
     df = pl.concat(frames, how="vertical_relaxed")
     rows_in = df.height
     df = df.with_columns(
@@ -106,7 +95,11 @@ def build_problems(recipe) -> ShardResult:
 
 class ProblemsStage(Stage):
     name = "problems"
-    sections = ("sources", "decontamination")
+    sections = ("sources", "decontamination", "traces")
+
+    def sections_for(self, recipe) -> tuple[str, ...]:
+        # Only the trace sources that define problems (problems_from) shape this table.
+        return ("sources", "decontamination", *(f"traces.{i}" for i, t in enumerate(recipe.traces) if t.problems_from))
 
     def run(self, ctx):
         recipe = ctx.recipe

@@ -48,7 +48,7 @@ class SFTStage(Stage):
     name = "sft"
     reads = ("gold_chains", "compressions", "filtered_compressions")
     sections = ("balance", "format.budget_template", "format.budget_placement", "format.question_template",
-                "format.system_prompt", "seed")
+                "format.system_prompt", "student.think_tags", "seed")
 
     def run(self, ctx) -> Iterator[ShardResult]:
         """Balancing and the standard mix run on the rows without their text (a row index stands
@@ -109,7 +109,7 @@ class SFTStage(Stage):
         # Part 0 carries the stage's input count, additions, excluded rows and the report; the
         # others only their output rows (the funnel adds parts up).
         for i, (a, b) in enumerate(_slice_bounds(plan, gtext, ctext, SFT_SHARD_BYTES)):
-            rows = self._slice(fmt, plan.slice(a, b - a), gtext, ctext)
+            rows = self._slice(fmt, plan.slice(a, b - a), gtext, ctext, r.student.think_tags)
             if i == 0:
                 first.kept = rows
                 yield first
@@ -117,8 +117,9 @@ class SFTStage(Stage):
                 yield ShardResult(kept=rows, rows_in=0)
 
     @staticmethod
-    def _slice(fmt, plan: pl.DataFrame, gtext: dict, ctext: dict) -> pl.DataFrame:
-        """The sft rows of one slice of the plan, messages built from the gathered text."""
+    def _slice(fmt, plan: pl.DataFrame, gtext: dict, ctext: dict, tags) -> pl.DataFrame:
+        """The sft rows of one slice of the plan, messages built from the gathered text (assistant
+        turns in the recipe's think-tag convention, whatever convention the trace came in)."""
         out = []
         for kind, part in ((k, plan.filter(pl.col("kind") == k)) for k in ("budget", "standard")):
             if not part.height:
@@ -127,10 +128,10 @@ class SFTStage(Stage):
             q, resp = gtext["question"].gather(gi), gtext["response"].gather(gi)
             if kind == "budget":
                 reasoning = ctext["compressed_reasoning"].gather(part["_ci"])
-                msgs = messages_column(fmt, q, part["budget"], reasoning, resp)
+                msgs = messages_column(fmt, q, part["budget"], reasoning, resp, tags)
             else:
                 msgs = messages_column(fmt, q, pl.Series([None] * part.height, dtype=pl.Int64),
-                                        gtext["reasoning"].gather(gi), resp)
+                                        gtext["reasoning"].gather(gi), resp, tags)
             out.append(part.with_columns(msgs.alias("messages")).select(SFT_COLUMNS))
         if len(out) == 2:  # a slice where the budget rows end: keep the plan's order
             sft = pl.concat(out, how="vertical_relaxed")

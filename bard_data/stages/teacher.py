@@ -6,6 +6,7 @@ import json
 
 import polars as pl
 
+from bard_data.config.think_tags import THINK
 from bard_data.llm.base import ChatRequest, chat_messages, request_key
 from bard_data.pipeline.stage import ShardedStage, ShardResult, excluded_rows
 from bard_data.text.answers import extract_answer, verify
@@ -19,13 +20,14 @@ SAMPLE_COLUMNS = [
 ]
 
 
-def verify_samples(ctx, df: pl.DataFrame, untagged: str = "last_paragraph") -> pl.DataFrame:
+def verify_samples(ctx, df: pl.DataFrame, untagged: str = "last_paragraph", tags=None) -> pl.DataFrame:
     """Split reasoning from response, extract and verify the answer, count reasoning tokens.
 
     Shared by sampled and imported traces so both are judged by the same rules. Needs columns
-    ``completion`` and ``gold_answer``; an unparsable gold (null) never verifies.
+    ``completion`` and ``gold_answer``; an unparsable gold (null) never verifies. ``tags``: the
+    think-tag convention(s) the completions are written in (``text.reasoning.split_trace``).
     """
-    splits = [split_trace(t or "", untagged) for t in df["completion"].to_list()]
+    splits = [split_trace(t or "", untagged, tags) for t in df["completion"].to_list()]
     reasoning = [s[0] for s in splits]
     response = [s[1] for s in splits]
     # R1-style models that never close </think> leave no response: look for the answer in
@@ -79,7 +81,10 @@ class TeacherStage(ShardedStage):
             pl.col("answer").alias("gold_answer"),
         )
         failed = df.filter(pl.col("error").is_not_null())
-        ok = verify_samples(ctx, df.filter(pl.col("error").is_null()), cfg.untagged)
+        # The recipe's convention; <think> too, which is how the OpenAI backend writes a server's
+        # separate reasoning_content (a completion is split by the convention it uses).
+        tags = ctx.recipe.student.think_tags
+        ok = verify_samples(ctx, df.filter(pl.col("error").is_null()), cfg.untagged, [tags] if tags == THINK else [tags, THINK])
         return ShardResult(
             kept=ok.select(SAMPLE_COLUMNS),
             excluded=excluded_rows(failed.drop("answer"), "llm_error", pl.col("error")),

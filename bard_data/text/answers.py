@@ -21,11 +21,15 @@ import threading
 from decimal import Decimal, InvalidOperation
 from typing import Iterable
 
+from bard_data.config.think_tags import THINK, ThinkTags
 from bard_data.text.reasoning import split_reasoning
 
 __all__ = ["normalize_gold", "extract_answer", "verify", "answers_equal_batch"]
 
-GOLD_FORMATS = ("auto", "gsm8k", "boxed", "latex", "number")
+GOLD_FORMATS = ("auto", "gsm8k", "boxed", "latex", "number", "solution")
+# A reference solution without a box is taken as the answer itself only when it is this short and
+# on one line (s1K's `solution` is often just "128"); a longer one has no answer to find.
+SHORT_SOLUTION_CHARS = 64
 
 # Longer than any real final answer; longer strings are whole solutions or garbage, and parsing
 # them off the main thread would have no time limit.
@@ -224,9 +228,11 @@ def normalize_gold(raw: str | int | float | None, fmt: str = "auto", timeout_s: 
     """Normalize a gold answer to a short string math-verify parses; None when unusable.
 
     fmt: "gsm8k" (worked solution ending in ``#### N``), "boxed" (solution text, last
-    ``\\boxed{}``/``\\fbox{}``), "latex" (a bare LaTeX answer), "number", or "auto" (detected:
-    ``####`` -> gsm8k, a box -> boxed, a plain number -> number, else latex). Plain numbers are
-    canonical: no thousands separators or ``$``, no trailing zeros ("27.0" -> "27").
+    ``\\boxed{}``/``\\fbox{}``), "latex" (a bare LaTeX answer), "number", "auto" (detected:
+    ``####`` -> gsm8k, a box -> boxed, a plain number -> number, else latex), or "solution" (a
+    reference solution: its last box; without one, the text itself only when it is a short single
+    line, else None). Plain numbers are canonical: no thousands separators or ``$``, no trailing
+    zeros ("27.0" -> "27").
     """
     if fmt not in GOLD_FORMATS:
         raise ValueError(f"fmt must be one of {GOLD_FORMATS}, got {fmt!r}")
@@ -242,6 +248,14 @@ def normalize_gold(raw: str | int | float | None, fmt: str = "auto", timeout_s: 
     s = raw.strip()
     if not s:
         return None
+
+    if fmt == "solution":
+        if _BOXED_RE.search(s):
+            fmt = "boxed"
+        elif "\n" not in s and len(s) <= SHORT_SOLUTION_CHARS:
+            fmt = "auto"
+        else:
+            return None
 
     if fmt == "auto":
         if "####" in s:
@@ -275,17 +289,17 @@ def normalize_gold(raw: str | int | float | None, fmt: str = "auto", timeout_s: 
         return None
 
 
-def extract_answer(text: str | None) -> str | None:
+def extract_answer(text: str | None, tags: ThinkTags = THINK) -> str | None:
     """The final answer in a model's output, as a short string for ``verify``.
 
-    With think tags, only the response after ``</think>`` is searched (an unclosed think block
-    has no answer). Order: last ``\\boxed{}``; last ``#### N``; last "answer is X" / "Answer: X";
-    the last number in the text. None when nothing is found.
+    With think tags (``tags``' convention, default ``<think>``), only the response after the close
+    tag is searched (an unclosed think block has no answer). Order: last ``\\boxed{}``; last
+    ``#### N``; last "answer is X" / "Answer: X"; the last number in the text. None when nothing is found.
     """
     if not text or not text.strip():
         return None
-    if "</think>" in text or "<think>" in text:
-        _, text, _ = split_reasoning(text)
+    if tags.close in text or tags.open in text:
+        _, text, _ = split_reasoning(text, tags.open, tags.close, (tags.answer_open, tags.answer_close))
         if not text:
             return None
 
