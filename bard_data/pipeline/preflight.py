@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from bard_data.budget.statement import check_round_trip, prompt_messages
+from bard_data.errors import RecipeError
 from bard_data.llm.probe import check_backend
 from bard_data.pipeline.context import RunContext
 from bard_data.text.templates import check_template
@@ -16,18 +17,30 @@ EXAMPLE_VALUES = dict(question="q", reasoning="r", answer="1", budget=100, targe
 LLM_SECTIONS = (("teacher", "teacher_samples"), ("compression", "compressions"), ("judge", "judgments"))
 
 
+def check_templates(r) -> None:
+    """Every template of a recipe, in the sandbox, with the key it sits under: it compiles, names
+    no attribute the sandbox forbids (in any branch), and renders with example values; the budget
+    statement also reads back. Before any other check: a template payload fails first."""
+    if r.teacher is not None:
+        check_template(r.teacher.prompt_template, "teacher.prompt_template", question="q")
+    if r.compression is not None:
+        check_template(r.compression.prompt_template, "compression.prompt_template", **EXAMPLE_VALUES)
+    if r.judge is not None:
+        check_template(r.judge.prompt_template, "judge.prompt_template", **EXAMPLE_VALUES)
+    check_template(r.format.question_template, "format.question_template", question="q")
+    check_template(r.format.budget_template, "format.budget_template", budget=100)
+    prompt_messages(r.format, "q", 100)
+    check_round_trip(r.format)
+
+
 def preflight(ctx: RunContext, pending: Optional[list[str]] = None) -> None:
     """``pending``: tables still to build (default: all); only their backends are probed."""
     r = ctx.recipe
+    try:
+        check_templates(r)
+    except RecipeError as exc:
+        raise RecipeError(f"{r.source_file}: {exc}") from None
     _ = ctx.tokenizer
-    if r.teacher is not None:
-        check_template(r.teacher.prompt_template, question="q")
-    if r.compression is not None:
-        check_template(r.compression.prompt_template, **EXAMPLE_VALUES)
-    if r.judge is not None:
-        check_template(r.judge.prompt_template, **EXAMPLE_VALUES)
-    prompt_messages(r.format, "q", 100)
-    check_round_trip(r.format)
     checked: set[str] = set()
     for section, table in LLM_SECTIONS:
         cfg = getattr(r, section)
