@@ -102,6 +102,12 @@ def _cmd_export(a) -> int:
     return export_cli(a)
 
 
+def _cmd_recipe(a) -> int:
+    from bard_data.report.rebuild import recipe_cli
+
+    return recipe_cli(a)
+
+
 def _cmd_train(a) -> int:
     if a.kind == "sft":
         from trainers.sft import main as sft_main
@@ -167,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--template", default=None, help="card template (jinja2) instead of the bundled one")
     ex.add_argument("--allow-incomplete", action="store_true", help="export a run whose stages did not all finish")
     ex.set_defaults(fn=_cmd_export)
+
+    rc = sub.add_parser("recipe", help="the recipe a published dataset was built with, to rebuild it")
+    rc.add_argument("dataset", help="a dataset folder (export or download), a run directory, or a Hub dataset id")
+    rc.add_argument("-o", "--out", default=None, help="write the recipe here (default: print it)")
+    rc.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    rc.add_argument("--force", action="store_true", help="replace an existing --out file")
+    rc.set_defaults(fn=_cmd_recipe)
 
     tr = sub.add_parser("train", help="bundled TRL trainers")
     tr.add_argument("kind", choices=["sft", "grpo"])
