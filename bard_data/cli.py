@@ -119,6 +119,12 @@ def _cmd_diff(a) -> int:
     return diff_cli(a)
 
 
+def _cmd_recipe(a) -> int:
+    from bard_data.report.rebuild import recipe_cli
+
+    return recipe_cli(a)
+
+
 def _cmd_train(a) -> int:
     if a.kind == "sft":
         from trainers.sft import main as sft_main
@@ -194,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("run_b")
     df.add_argument("--json", action="store_true", help="the comparison as JSON")
     df.set_defaults(fn=_cmd_diff)
+
+
+    rc = sub.add_parser("recipe", help="the recipe a published dataset was built with, to rebuild it")
+    rc.add_argument("dataset", help="a dataset folder (export or download), a run directory, or a Hub dataset id")
+    rc.add_argument("-o", "--out", default=None, help="write the recipe here (default: print it)")
+    rc.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    rc.add_argument("--force", action="store_true", help="replace an existing --out file")
+    rc.set_defaults(fn=_cmd_recipe)
 
     tr = sub.add_parser("train", help="bundled TRL trainers")
     tr.add_argument("kind", choices=["sft", "grpo"])

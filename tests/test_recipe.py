@@ -40,7 +40,8 @@ def test_good_recipe_loads_with_typed_sections(tmp_path, good):
 def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, good, shared_data):
     sub = tmp_path / "recipes"
     sub.mkdir()
-    good["sources"][0]["path"] = "../data.jsonl"
+    # A path that leaves the recipe's folder says so (${recipe_dir}/.., absolute or ~): tests/test_security_doors.py.
+    good["sources"][0]["path"] = "${recipe_dir}/../data.jsonl"
     (tmp_path / "data.jsonl").write_text((shared_data / "gsm8k" / "train.jsonl").read_text().split("\n", 1)[0] + "\n")
     good["traces"] = []
     r = load_recipe(write_recipe(sub, good))

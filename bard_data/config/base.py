@@ -11,4 +11,4 @@ class Strict(BaseModel):
 
 def looks_like_path(s: str) -> bool:
     """A recipe string that names a local file or folder (else it is a Hub id such as ``org/name``)."""
-    return s.startswith(("/", "./", "../", "~")) or s.endswith((".jsonl", ".json", ".parquet"))
+    return s.startswith(("/", "./", "../", "~", "${")) or s.endswith((".jsonl", ".json", ".parquet"))

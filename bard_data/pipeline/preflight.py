@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from bard_data.budget.statement import check_round_trip, prompt_messages
+from bard_data.errors import RecipeError
 from bard_data.llm.probe import check_backend
 from bard_data.pipeline.context import RunContext
 from bard_data.pipeline.stage import Stage
@@ -17,22 +18,34 @@ EXAMPLE_VALUES = dict(question="q", reasoning="r", answer="1", budget=100, targe
 LLM_SECTIONS = (("teacher", "teacher_samples"), ("compression", "compressions"), ("judge", "judgments"))
 
 
+def check_templates(r) -> None:
+    """Every template of a recipe, in the sandbox, with the key it sits under: it compiles, names
+    no attribute the sandbox forbids (in any branch), and renders with example values; the budget
+    statement also reads back. Before any other check: a template payload fails first."""
+    if r.teacher is not None:
+        check_template(r.teacher.prompt_template, "teacher.prompt_template", question="q")
+    if r.compression is not None:
+        check_template(r.compression.prompt_template, "compression.prompt_template", **EXAMPLE_VALUES)
+    if r.judge is not None:
+        check_template(r.judge.prompt_template, "judge.prompt_template", **EXAMPLE_VALUES)
+    check_template(r.format.question_template, "format.question_template", question="q")
+    check_template(r.format.budget_template, "format.budget_template", budget=100)
+    prompt_messages(r.format, "q", 100)
+    check_round_trip(r.format)
+
+
 def preflight(ctx: RunContext, pending: Optional[Sequence[Stage]] = None) -> None:
     """``pending``: the stages still to build (default: all). Only their backends are probed, and
     the student tokenizer is loaded (a slow import) only when one of them counts tokens (declares
     the ``student`` section)."""
     r = ctx.recipe
+    try:
+        check_templates(r)
+    except RecipeError as exc:
+        raise RecipeError(f"{r.source_file}: {exc}") from None
     if pending is None or any("student" in s.sections for s in pending):
         _ = ctx.tokenizer
     names = None if pending is None else {s.name for s in pending}
-    if r.teacher is not None:
-        check_template(r.teacher.prompt_template, question="q")
-    if r.compression is not None:
-        check_template(r.compression.prompt_template, **EXAMPLE_VALUES)
-    if r.judge is not None:
-        check_template(r.judge.prompt_template, **EXAMPLE_VALUES)
-    prompt_messages(r.format, "q", 100)
-    check_round_trip(r.format)
     checked: set[str] = set()
     for section, table in LLM_SECTIONS:
         cfg = getattr(r, section)

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from bard_data.config import Recipe
 from bard_data.config.executor import ExecutorConfig
+from bard_data.config.safety import trust_notes
 from bard_data.errors import BardError
 from bard_data.pipeline import manifest as mf
 from bard_data.pipeline.context import RunContext
@@ -277,6 +279,8 @@ def run(recipe: Recipe, stages: Sequence[Stage], run_dir: str | Path | None = No
     the others are kept as they are (``plan_run`` says which, and why)."""
     if executor is not None:
         recipe = recipe.model_copy(update={"executor": executor})
+    for note in trust_notes(recipe):  # what running this recipe trusts, before anything runs
+        print(f"{recipe.source_file}: {note}", file=sys.stderr)
     rd = resolve_run_dir(recipe, run_dir)
     fresh = not rd.exists()
     rd.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import polars as pl
 
 from bard_data.errors import PublishError
 from bard_data.report.catalog import shipped_queries
+from bard_data.text.templates import SandboxEnvironment, template_error, unsafe_reference
 
 __all__ = ["CONFIG_DESCRIPTIONS", "RUN_ONLY_PARTS", "render_card", "card_metadata", "md_table", "default_template_path"]
 
@@ -33,11 +34,6 @@ PLOT_AFTER = {
     "budget_histogram": ["budget_histogram"],
     "compression_by_bin": ["ratio_vs_budget", "deviation_vs_budget"],
 }
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else ""
-
 
 def _size_category(n: int) -> str:
     for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
@@ -136,7 +132,9 @@ def render_card(info: dict[str, Any], rep: dict[str, pl.DataFrame], configs: dic
     path = Path(template) if template else default_template_path()
     if not path.is_file():
         raise PublishError(f"{path}: card template not found")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(path.parent)), undefined=jinja2.StrictUndefined,
+    # The sandbox every template gets (text.templates): a card template is as much data as a prompt.
+    # The loader serves only files beside the template (jinja2 refuses '..' in template names).
+    env = SandboxEnvironment(loader=jinja2.FileSystemLoader(str(path.parent)), undefined=jinja2.StrictUndefined,
                              autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["table"] = md_table
     env.filters["fmt"] = _fmt
@@ -178,7 +176,13 @@ def render_card(info: dict[str, Any], rep: dict[str, pl.DataFrame], configs: dic
         "complete": info.get("complete"),
     }
     try:
-        body = env.get_template(path.name).render(**ctx)
-    except jinja2.TemplateError as exc:
-        raise PublishError(f"{path}: card template error: {_first_line(exc)}") from None
+        tpl = env.get_template(path.name)
+        bad = unsafe_reference(path.read_text(encoding="utf-8"))
+        if bad:
+            raise PublishError(f"{path}: card template error: {bad}")
+        body = tpl.render(**ctx)
+    except PublishError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SecurityError, undefined names, errors the template raised
+        raise PublishError(f"{path}: card template error: {template_error(exc)}") from None
     return body

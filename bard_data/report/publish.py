@@ -42,6 +42,7 @@ from bard_data.pipeline.store import ArtifactStore
 from bard_data.report.card import RUN_ONLY_PARTS, render_card
 from bard_data.report.catalog import PARTS
 from bard_data.report.published import EXPORT_MARKER, prompt_format
+from bard_data.report.rebuild import local_path_keys
 from bard_data.report.stats import report, write_plots
 
 __all__ = ["CONFIGS", "ExportResult", "PushResult", "PublishError", "export", "push", "export_cli", "push_cli",
@@ -233,6 +234,7 @@ def export(run_dir: str | Path, out_dir: str | Path, *, repo_id: Optional[str] =
         public["license"] = (manifest.get("recipe") or {}).get("license") or "other"
         public["balance"] = balance
         public["prompt_format"] = prompt_format(manifest.get("recipe") or {})
+        public["local_paths"] = local_path_keys(manifest.get("recipe") or {})  # for `bard-data recipe`
         public["configs"] = configs
         (staging / EXPORT_MARKER).write_text(json.dumps(public, indent=2, sort_keys=True, default=str) + "\n",
                                              encoding="utf-8")

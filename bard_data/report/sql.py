@@ -16,6 +16,11 @@
 
 Views over Parquet read the files lazily; ``save_to_disk`` folders are loaded with
 ``datasets.load_from_disk`` (memory-mapped Arrow) and registered.
+
+Once the views stand, the connection is confined: DuckDB may open only the files the views read
+(``allowed_paths``, ``enable_external_access = false``, then ``lock_configuration``), so a query
+(one copied from a dataset card, say) cannot read other files (``read_csv('~/.netrc')``), write
+any (``COPY ... TO``), attach a database, or install or load an extension.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class _Builder:
         self.con = con
         self.rows: dict[str, int] = {}
         self.sources: dict[str, str] = {}
+        self.files: set[Path] = set()  # every file a view reads: all DuckDB may open once confined
 
     def parquet_view(self, name: str, files: list[Path], extra_select: str = "") -> bool:
         rows = _part_rows(files)
@@ -105,6 +111,7 @@ class _Builder:
             return False
         sel = f"SELECT {extra_select}* FROM read_parquet({_files_sql(files)}, union_by_name = true)"
         self.con.execute(f"CREATE OR REPLACE VIEW {_q(name)} AS {sel}")
+        self.files.update(files)
         self.rows[name] = sum(rows.values())
         self.sources[name] = str(files[0].parent)
         return True
@@ -197,6 +204,7 @@ def _excluded_view(b: _Builder, root: Path) -> None:
             if rows:
                 per_stage.append((d.name, list(rows)))
                 total += sum(rows.values())
+                b.files.update(rows)
     empty = "SELECT NULL::VARCHAR AS stage, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail WHERE false"
     if not per_stage:
         b.con.execute(f"CREATE OR REPLACE VIEW excluded AS {empty}")
@@ -320,6 +328,18 @@ def _connect_dataset(b: _Builder, root: Path) -> None:
             "directory (no <config>/*.parquet, data/<config>/*.parquet or save_to_disk folder)")
 
 
+def _confine(con: duckdb.DuckDBPyConnection, files: Iterable[Path]) -> None:
+    """From now on DuckDB opens only ``files`` (each as named and, for a symlink such as a Hub
+    cache snapshot's, where it leads) and no setting can be changed back."""
+    allowed = sorted({str(p) for f in files for p in (Path(f), Path(f).resolve())})
+    con.execute(f"SET allowed_paths = [{', '.join(_lit(a) for a in allowed)}]")
+    con.execute("SET allowed_directories = []")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
 def connect(path: str | Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per table of a run or dataset directory."""
     root = Path(path).expanduser()
@@ -339,6 +359,7 @@ def connect(path: str | Path) -> duckdb.DuckDBPyConnection:
         else:
             _connect_dataset(b, root)
         b.finish()
+        _confine(con, b.files)
     except BaseException:
         con.close()
         raise

@@ -106,6 +106,9 @@ class ProblemsStage(Stage):
         res = build_problems(recipe)
         dec = recipe.decontamination
         if dec is not None and dec.enabled and dec.references:
+            # Reference paths as the recipe resolves them (relative to its folder, or ${recipe_dir}).
+            dec = dec.model_copy(update={"references": [
+                r.model_copy(update={"path": recipe.resolve(r.path, force=True)}) for r in dec.references]})
             refs = load_references(dec, Path(recipe.base_dir))
             kept, contaminated, report = decontaminate(res.kept, refs, dec.ngram)
             res = ShardResult(kept=kept, excluded=concat_excluded(res.excluded, contaminated), rows_in=res.rows_in,

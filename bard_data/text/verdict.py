@@ -62,13 +62,19 @@ class _FieldError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+# Each object left open costs a scan to the end of the text: after this many, stop looking (a
+# degenerate output of thousands of '{' would otherwise take time quadratic in its length).
+MAX_OPEN_OBJECTS = 16
+
+
 def _objects(text: str) -> tuple[list[str], bool]:
     """Balanced ``{...}`` substrings in order (strings, both quote styles, are skipped when
     matching braces), and whether an object was left open at the end (truncation)."""
     found: list[str] = []
     truncated = False
+    left_open = 0
     i, n = 0, len(text)
-    while i < n:
+    while i < n and left_open < MAX_OPEN_OBJECTS:
         start = text.find("{", i)
         if start < 0:
             break
@@ -100,6 +106,7 @@ def _objects(text: str) -> tuple[list[str], bool]:
             i = end + 1
         else:
             truncated = True
+            left_open += 1
             i = start + 1
     return found, truncated
 
