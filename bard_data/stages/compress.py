@@ -52,6 +52,9 @@ class CompressStage(ShardedStage):
         todo = gold.join(sched, on="sample_id", how="left").sort("sample_id", "budget_rank", nulls_last=True)
         return todo.with_row_index("_idx")
 
+    def planned_requests(self, shard: pl.DataFrame) -> int:
+        return shard.height - shard["budget"].null_count()  # first attempts; a chain too short gets none
+
     def _attempt(self, ctx, cfg: CompressionConfig, rows: list[dict], llm) -> list[dict]:
         """One generation round for ``rows``, measured in student tokens."""
         reqs = []
