@@ -25,8 +25,8 @@ def _duration(seconds: float) -> str:
 
 
 class StageProgress:
-    def __init__(self, bar: Any, planned: int, clock=time.monotonic):
-        self.bar, self.planned, self.clock = bar, max(0, int(planned)), clock
+    def __init__(self, bar: Any, planned: int, clock=time.monotonic, name: str = ""):
+        self.bar, self.planned, self.clock, self.name = bar, max(0, int(planned)), clock, name
         self.sent = self.hits = self.tokens = 0
         self.started = clock()  # rates are over the stage's wall time, engine start included
         self._shown = 0.0

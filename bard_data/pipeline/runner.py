@@ -165,7 +165,7 @@ def run_sharded(ctx: RunContext, stage: ShardedStage, executor, fingerprint: Opt
             if why == "llm_error":
                 log.info("%s shard %d: retrying the rows whose LLM call failed", name, i)
     bar = tqdm(total=n, initial=n - len(todo), desc=name, unit="shard", disable=ctx.quiet)
-    ctx.progress = StageProgress(bar, sum(stage.planned_requests(shards[i]) for i in todo))
+    ctx.progress = StageProgress(bar, sum(stage.planned_requests(shards[i]) for i in todo), name=name)
     try:
         for i, res in executor.map_shards(ctx, stage, [(i, shards[i]) for i in todo]):
             _write_reports(store, res.reports)
