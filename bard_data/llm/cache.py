@@ -187,9 +187,10 @@ class CompletionCache:
             self._conn.close()
 
 
-def lookup(path: str | Path, keys: list[str]) -> dict[str, Completion]:
+def lookup(path: str | Path, keys: list[str], text: bool = True) -> dict[str, Completion]:
     """The completions of ``keys`` stored in the cache at ``path``, read-only: creates, locks and
-    repairs nothing ({} when there is no cache yet). For ``bard-data plan``, which sends nothing."""
+    repairs nothing ({} when there is no cache yet). For ``bard-data plan``, which sends nothing.
+    ``text=False``: token counts only (the texts of long completions are not read)."""
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0 or not keys:
         return {}
@@ -203,8 +204,8 @@ def lookup(path: str | Path, keys: list[str]) -> dict[str, Completion]:
         uniq = list(dict.fromkeys(keys))
         for i in range(0, len(uniq), 500):
             chunk = uniq[i : i + 500]
-            q = ("SELECT key, text, prompt_tokens, completion_tokens, finish_reason FROM completions WHERE key IN (%s)"
-                 % ",".join("?" * len(chunk)))
+            q = ("SELECT key, %s, prompt_tokens, completion_tokens, finish_reason FROM completions WHERE key IN (%s)"
+                 % ("text" if text else "''", ",".join("?" * len(chunk))))
             for k, text, pt, ct, fr in conn.execute(q, chunk):
                 out[k] = Completion(text=text, prompt_tokens=pt, completion_tokens=ct, finish_reason=fr, cached=True)
     except sqlite3.DatabaseError as exc:

@@ -133,11 +133,18 @@ def estimate(recipe: Recipe, run_dir: str | Path | None = None, *, fresh: bool =
         inputs = stage.inputs(ctx)
         llm = ctx.llm(t)
         llm.seen = []
+        done = store.on_disk("teacher_samples")
+        llm.texts = not done  # a finished table has the samples: read no completion texts from the cache
         replayed = stage.process_shard(ctx, inputs, 0).kept
-        samples = store.read("teacher_samples") if store.on_disk("teacher_samples") else replayed
+        llm.texts = True
+        if done:  # only what the plan looks at, unless the gold chains must be selected again
+            cols = ["problem_id", "is_correct", "completion_tokens"] if store.on_disk("gold_chains") else None
+            samples = store.read("teacher_samples", cols)
+        else:
+            samples = replayed
         store.put("teacher_samples", samples)
         hits = [s.hit.completion_tokens for s in llm.seen if s.hit is not None]
-        if store.on_disk("teacher_samples"):
+        if done:
             hits = samples["completion_tokens"].drop_nulls().to_list()
         fill_t = a.set("fill", _mean(hits, 0) / t.sampling.max_tokens, len(hits))
         a.set("teacher_pass_rate", float(samples["is_correct"].mean() or 0) if samples.height else None, samples.height)

@@ -66,16 +66,19 @@ class Seen:
 
 class ReplayLLM:
     """Stands in for ``CachedLLM``: cached completions come back as they are, every other request
-    comes back as an error completion (``NOT_CACHED``); ``seen`` lists them all while ``recording``."""
+    comes back as an error completion (``NOT_CACHED``); ``seen`` lists them all while ``recording``.
+    ``texts=False``: which requests are cached, and their token counts, but every completion comes
+    back as ``NOT_CACHED`` (a finished stage whose outputs the plan reads from its table)."""
 
     def __init__(self, model: str, cache_path: Optional[Path]):
         self.model, self.cache_path = model, cache_path
         self.seen: list[Seen] = []
         self.recording = True
+        self.texts = True
 
     def generate(self, requests: list[ChatRequest], sampling: SamplingConfig, seed: int = 0) -> list[Completion]:
         keys = [request_key(self.model, r, sampling, seed) for r in requests]
-        found = lookup(self.cache_path, keys) if self.cache_path is not None else {}
+        found = lookup(self.cache_path, keys, self.texts) if self.cache_path is not None else {}
         out = []
         fresh: set[str] = set()
         for pos, (r, k) in enumerate(zip(requests, keys)):
@@ -86,7 +89,7 @@ class ReplayLLM:
                     fresh.add(k)
             out.append(Completion(text=hit.text, prompt_tokens=hit.prompt_tokens,
                                   completion_tokens=hit.completion_tokens, finish_reason=hit.finish_reason,
-                                  cached=True) if hit is not None
+                                  cached=True) if hit is not None and self.texts
                        else Completion(text="", finish_reason="error", error=NOT_CACHED))
         return out
 
