@@ -12,13 +12,15 @@ from bard_data.pipeline import runner
 from bard_data.pipeline.context import RunContext
 from bard_data.pipeline.manifest import read_manifest
 from bard_data.pipeline.runner import RunPlan, funnel_frame, resolve_run_dir, run_status
+from bard_data.plan import Plan
+from bard_data.plan import plan_recipe as _plan_recipe
 from bard_data.report.diff import diff_builds
 from bard_data.report.publish import export, push
 from bard_data.report.sql import connect, query
 from bard_data.report.stats import report
 from bard_data.stages import STAGES
 
-__all__ = ["load_recipe", "run_recipe", "plan_run", "diff_builds", "run_status", "read_manifest", "funnel_frame", "resolve_run_dir", "query",
+__all__ = ["load_recipe", "run_recipe", "plan_run", "plan_recipe", "diff_builds", "run_status", "read_manifest", "funnel_frame", "resolve_run_dir", "query",
            "connect", "report", "export", "push"]
 
 
@@ -37,3 +39,12 @@ def plan_run(recipe: Recipe | str | Path, run_dir: str | Path | None = None) -> 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     return runner.plan_run(recipe, STAGES, run_dir)
+
+
+def plan_recipe(recipe: Recipe | str | Path, run_dir: str | Path | None = None, *, throughput: Optional[str] = None,
+                assume: Optional[dict[str, float]] = None, fresh: bool = False) -> Plan:
+    """What ``recipe`` will ask of its LLMs in ``run_dir`` (requests, tokens, time, cost), without
+    starting an engine (``bard-data plan``); ``Plan.render()`` and ``Plan.to_json()`` show it."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return _plan_recipe(recipe, run_dir, throughput=throughput, assume=assume, fresh=fresh)

@@ -84,6 +84,12 @@ def _print_status(run_dir: Path) -> None:
               f"{t['prompt_tokens']} prompt + {t['completion_tokens']} completion tokens")
 
 
+def _cmd_plan(a) -> int:
+    from bard_data.plan import plan_cli
+
+    return plan_cli(a)
+
+
 def _cmd_status(a) -> int:
     _print_status(Path(a.run_dir))
     return 0
@@ -159,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "or kept, and stop")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
+
+    pl_ = sub.add_parser("plan", help="what a recipe will ask of its LLMs (requests, tokens, time, cost), "
+                         "without starting an engine")
+    pl_.add_argument("recipe")
+    pl_.add_argument("--run-dir", default=None, help="a partly or fully built run: count what is finished and cached")
+    pl_.add_argument("--cache-dir", default=None, help="the completion cache to count hits in (as bard-data run)")
+    pl_.add_argument("--throughput", default=None, help="completion tokens/s per stage for the expected time, e.g. "
+                     "teacher=2500,compression=9000,judge=9000; or a run directory whose manifest measured them")
+    pl_.add_argument("--assume", default=None, help="override expected rates, e.g. teacher_pass_rate=0.3,retry_rate=0.4 "
+                     "(names: teacher_pass_rate, retry_rate, answer_preserved, fill, compression_fill)")
+    pl_.add_argument("--fresh", action="store_true", help="as if the run directory were empty (still compares with "
+                     "what its manifest says was spent)")
+    pl_.add_argument("--json", action="store_true", help="the plan as JSON")
+    pl_.set_defaults(fn=_cmd_plan)
 
     s = sub.add_parser("status", help="per-stage progress and the funnel of a run")
     s.add_argument("run_dir")

@@ -19,7 +19,8 @@ import pytest
 from bard_data.config.llm import OpenAIBackendConfig, VLLMBackendConfig
 from bard_data.errors import BackendError
 from bard_data.llm import make_backend
-from bard_data.llm.base import ChatRequest, SamplingConfig
+from bard_data.llm.base import CachedLLM, ChatRequest, SamplingConfig
+from bard_data.llm.cache import CompletionCache
 from tests.servers import VLLMServer as _Server
 from tests.servers import free_port as _free_port
 from tests.servers import shared_vllm_server
@@ -178,6 +179,28 @@ def test_vllm_json_schema_and_bad_rows(engine):
     assert "\n" not in outs[2].error
 
 
+def _timed_with_progress(backend, tmp_path, reqs, sampling):
+    """A batch through ``CachedLLM`` with a progress listener, then the same batch again (cached)."""
+    events: list[dict] = []
+    cache = CompletionCache(tmp_path / "completions.sqlite")
+    llm = CachedLLM(backend, cache, on_progress=lambda **k: events.append(k))
+    out = llm.generate(reqs, sampling, 0)
+    fresh = list(events)
+    llm.generate(reqs, sampling, 0)
+    cache.close()
+    assert llm.stats.generate_seconds > 0  # measured inside the backend's generate
+    assert sum(e.get("requests", 0) for e in fresh) == len(reqs) == llm.stats.requests_sent
+    assert sum(e.get("completion_tokens", 0) for e in fresh) == sum(c.completion_tokens for c in out) > 0
+    assert events[len(fresh):] == [{"cache_hits": len(reqs)}]
+    return fresh
+
+
+def test_vllm_generate_seconds_and_live_progress(engine, tmp_path):
+    fresh = _timed_with_progress(engine, tmp_path, _requests(3, 2), SamplingConfig(temperature=0.0, max_tokens=12))
+    # Reported as requests finish inside the one chat call, not once for the batch.
+    assert len(fresh) > 1 and all(e.get("requests", 0) >= 1 for e in fresh[:-1])
+
+
 def test_vllm_bad_model_fails_fast(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(BackendError, match=r"vllm backend: cannot load model 'nope': no such folder"):
@@ -254,6 +277,12 @@ def test_openai_batch_concurrent(openai_server, api_key):
     assert js[0].ok, js[0].error
     llm.close()
     print(f"\nopenai batch of {len(reqs)} in {took:.2f}s")
+
+
+def test_openai_generate_seconds_and_live_progress(openai_server, api_key, tmp_path):
+    llm = make_backend(_openai_cfg(openai_server.base_url, concurrency=3))
+    fresh = _timed_with_progress(llm, tmp_path, _requests(3, 2), SamplingConfig(temperature=0.0, max_tokens=12))
+    assert [e["requests"] for e in fresh] == [1] * 6  # one report per finished request
 
 
 def test_openai_row_error_does_not_sink_batch(openai_server, api_key):

@@ -61,7 +61,18 @@ def _ray_executor(address):
     return {"kind": "ray", "address": address, "num_workers": 2, "num_cpus_per_worker": 1}
 
 
-def test_ray_run_equals_local_run(ray_cluster, local_run, tmp_path, tiny_model_dir, shared_data):
+def test_ray_run_equals_local_run(ray_cluster, local_run, tmp_path, tiny_model_dir, shared_data, monkeypatch):
+    from bard_data.pipeline import runner
+    from bard_data.pipeline.progress import StageProgress
+
+    bars: list[StageProgress] = []
+
+    class Recorder(StageProgress):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(runner, "StageProgress", Recorder)
     recipe = load_recipe(write_recipe(tmp_path, _recipe(tmp_path, tiny_model_dir, shared_data,
                                                         executor=_ray_executor(ray_cluster))))
     run_recipe(recipe, quiet=True)
@@ -74,6 +85,12 @@ def test_ray_run_equals_local_run(ray_cluster, local_run, tmp_path, tiny_model_d
     # token counts and requests of the workers are aggregated on the driver
     assert sum(s["requests_sent"] for s in inv.values()) == _cache_rows(tmp_path / "run")
     assert sum(s["completion_tokens"] for s in inv.values()) > 0
+    # per stage, from the workers' deltas: generation seconds measured there, live figures on the driver
+    for stage in ("teacher_samples", "compressions", "judgments"):
+        (s,) = m["llm_stages"][stage].values()
+        assert s["generate_seconds"] > 0 and s["requests_sent"] > 0
+        (bar,) = [b for b in bars if b.name == stage]
+        assert (bar.sent, bar.hits, bar.tokens) == (s["requests_sent"], s["cache_hits"], s["completion_tokens"])
     # the recipe hash does not depend on where it runs: a local rerun of the Ray run does nothing
     local_again = load_recipe(write_recipe(tmp_path, _recipe(tmp_path, tiny_model_dir, shared_data), "again.yaml"))
     assert local_again.hash() == recipe.hash()

@@ -55,6 +55,16 @@ class VLLMBackendConfig(Strict):
         return v
 
 
+class PriceConfig(Strict):
+    """What a hosted API charges, in USD per million tokens (``bard-data plan`` and the manifest's cost)."""
+
+    input_per_mtok: float = Field(ge=0, description="USD per million prompt tokens")
+    output_per_mtok: float = Field(ge=0, description="USD per million completion tokens")
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
 class OpenAIBackendConfig(Strict):
     kind: Literal["openai"]
     model: str = Field(description="the model name the server serves")
@@ -65,6 +75,8 @@ class OpenAIBackendConfig(Strict):
     max_retries: int = Field(5, ge=0)
     backoff_s: float = Field(1.0, ge=0, description="first retry delay, doubled each retry")
     use_structured_output: bool = True
+    price: Optional[PriceConfig] = Field(None, description="USD per million input/output tokens; outside every "
+                                         "fingerprint and the cache key")
 
     @field_validator("api_key_env")
     @classmethod

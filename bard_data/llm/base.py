@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from bard_data.config.llm import SamplingConfig
 
@@ -96,14 +97,26 @@ class LLMStats:
         return dict(self.__dict__)
 
 
+ProgressFn = Callable[[int, int], None]
+"""``progress(requests, completion_tokens)``: that many more requests of a batch finished."""
+
+
 class LLM:
-    """Base class of the backends. Subclasses implement ``_generate`` for a whole batch."""
+    """Base class of the backends. Subclasses implement ``_generate`` for a whole batch, and may
+    call ``_report`` as requests of the batch finish (live figures); what they leave unreported
+    is reported when the batch returns."""
 
     kind: str = "base"
+    # Set by ``CachedLLM`` for the duration of one batch.
+    progress: Optional[ProgressFn] = None
 
     def __init__(self, model: str):
         self.model = model
         self.stats = LLMStats()
+
+    def _report(self, requests: int, completion_tokens: int = 0) -> None:
+        if self.progress is not None and (requests or completion_tokens):
+            self.progress(requests, completion_tokens)
 
     def _generate(self, requests: list[ChatRequest], sampling: SamplingConfig, seed: int) -> list[Completion]:
         raise NotImplementedError
@@ -113,8 +126,6 @@ class LLM:
     ) -> list[Completion]:
         if not requests:
             return []
-        import time
-
         t0 = time.perf_counter()
         out = self._generate(requests, sampling, seed)
         self.stats.generate_seconds += time.perf_counter() - t0
@@ -140,6 +151,8 @@ class CachedLLM:
     backend: LLM
     cache: "Any"  # bard_data.llm.cache.CompletionCache
     stats: LLMStats = field(default_factory=LLMStats)
+    # ``on_progress(requests=, cache_hits=, completion_tokens=)`` as requests finish (live figures).
+    on_progress: Optional[Callable[..., None]] = None
 
     @property
     def model(self) -> str:
@@ -157,10 +170,11 @@ class CachedLLM:
                 seen[k] = i
                 miss_idx.append(i)
         self.stats.cache_hits += len(requests) - len(miss_idx)
+        self._progress(cache_hits=len(requests) - len(miss_idx))
         fresh: dict[str, Completion] = {}
         if miss_idx:
             before = self.backend.stats.requests_sent
-            results = self.backend.generate([requests[i] for i in miss_idx], sampling, seed)
+            results = self._send([requests[i] for i in miss_idx], sampling, seed)
             self.stats.requests_sent += self.backend.stats.requests_sent - before
             good = {}
             for i, c in zip(miss_idx, results):
@@ -181,6 +195,31 @@ class CachedLLM:
             else:
                 out.append(fresh[k])
         return out
+
+    def _send(self, requests: list[ChatRequest], sampling: SamplingConfig, seed: int) -> list[Completion]:
+        """The backend's batch, timed (wall seconds inside its ``generate``: ``generate_seconds``),
+        with its progress forwarded; what it did not report is reported when it returns."""
+        done = [0, 0]
+
+        def forward(n: int, tokens: int) -> None:
+            done[0] += n
+            done[1] += tokens
+            self._progress(requests=n, completion_tokens=tokens)
+
+        self.backend.progress = forward if self.on_progress is not None else None
+        t0 = time.perf_counter()
+        try:
+            results = self.backend.generate(requests, sampling, seed)
+        finally:
+            self.stats.generate_seconds += time.perf_counter() - t0
+            self.backend.progress = None
+        tokens = sum(c.completion_tokens for c in results)
+        self._progress(requests=max(0, len(results) - done[0]), completion_tokens=max(0, tokens - done[1]))
+        return results
+
+    def _progress(self, **counts: int) -> None:
+        if self.on_progress is not None and any(counts.values()):
+            self.on_progress(**counts)
 
     def close(self) -> None:
         self.backend.close()

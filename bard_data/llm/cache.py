@@ -187,6 +187,35 @@ class CompletionCache:
             self._conn.close()
 
 
+def lookup(path: str | Path, keys: list[str], text: bool = True) -> dict[str, Completion]:
+    """The completions of ``keys`` stored in the cache at ``path``, read-only: creates, locks and
+    repairs nothing ({} when there is no cache yet). For ``bard-data plan``, which sends nothing.
+    ``text=False``: token counts only (the texts of long completions are not read)."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0 or not keys:
+        return {}
+    out: dict[str, Completion] = {}
+    # A cache some run has open (its WAL is there) is read as WAL readers do, through that run's
+    # index; a closed one as an immutable file, so that not even SQLite's -wal/-shm files appear.
+    live = Path(str(path) + "-wal").exists()
+    mode = "mode=ro" if live else "immutable=1"
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=BUSY_TIMEOUT_S)
+    try:
+        uniq = list(dict.fromkeys(keys))
+        for i in range(0, len(uniq), 500):
+            chunk = uniq[i : i + 500]
+            q = ("SELECT key, %s, prompt_tokens, completion_tokens, finish_reason FROM completions WHERE key IN (%s)"
+                 % ("text" if text else "''", ",".join("?" * len(chunk))))
+            for k, text, pt, ct, fr in conn.execute(q, chunk):
+                out[k] = Completion(text=text, prompt_tokens=pt, completion_tokens=ct, finish_reason=fr, cached=True)
+    except sqlite3.DatabaseError as exc:
+        log.warning("completion cache %s unreadable (%s); counting nothing as cached", path, exc)
+        return {}
+    finally:
+        conn.close()
+    return out
+
+
 class LedgerView:
     """The completion cache as one ``CachedLLM`` sees it: every store of completions also records
     that LLM's counters under (invocation, slot), in the same SQLite transaction (``CachedLLM``

@@ -176,6 +176,7 @@ class OpenAICompatLLM(LLM):
                     except Exception as exc:  # a bug in this module: still one row, not the run
                         results[i] = self._error(exc)
                     bar.update(1)
+                    self._report(1, results[i].completion_tokens)
         except BaseException:
             # Ctrl-C (or any error) while requests are out: drop the queued ones and stop retries,
             # instead of waiting for the whole batch; requests in flight end with their timeout.

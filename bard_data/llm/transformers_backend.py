@@ -72,6 +72,7 @@ class TransformersLLM(LLM):
             except Exception as exc:  # one failing batch becomes errored rows, not a dead run
                 for i in idx:
                     results[i] = Completion(text="", finish_reason="error", error=f"{type(exc).__name__}: {exc}")
+                self._report(len(idx))
                 continue
             prompt_len = enc["input_ids"].shape[1]
             for row, i in enumerate(idx):
@@ -90,6 +91,7 @@ class TransformersLLM(LLM):
                     completion_tokens=n,
                     finish_reason="stop" if stopped else finish,
                 )
+            self._report(len(idx), sum(results[i].completion_tokens for i in idx))
         out = [results[i] for i in range(len(prompts))]
         return out
 

@@ -231,7 +231,7 @@ class VLLMEngine(LLM):
             client_errors = ()
         row_errors = (ValueError, TypeError, KeyError) + client_errors + template_errors
         try:
-            outs = self._llm.chat([convs[i] for i in idx], [params[i] for i in idx], use_tqdm=_progress())
+            outs = self._llm.chat([convs[i] for i in idx], [params[i] for i in idx], use_tqdm=self._tqdm())
         except EngineDeadError as exc:  # type: ignore[misc]
             raise BackendError(f"vllm backend: engine for '{self.model}' died: {_one_line(exc)}") from None
         except row_errors as exc:
@@ -247,6 +247,14 @@ class VLLMEngine(LLM):
             err = _one_line(exc)
             return {i: Completion(text="", finish_reason="error", error=err) for i in idx}
         return {i: _completion(o) for i, o in zip(idx, outs)}
+
+    def _tqdm(self):
+        """Live progress into the stage's bar when someone listens, else vLLM's own bar on a terminal."""
+        if self.progress is None:
+            return _progress()
+        from bard_data.llm.vllm_progress import progress_bar
+
+        return progress_bar(self._report)
 
     def close(self) -> None:
         """Shut the engine down and free its memory (another engine can start afterwards)."""

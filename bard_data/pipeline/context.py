@@ -25,6 +25,8 @@ class RunContext:
     # Ledger slots of this context's LLMs; Ray workers get their own prefix (see executors).
     slot_prefix: str = ""
     shard_hooks: list[Callable[[str, int], None]] = field(default_factory=list, init=False)
+    # The live figures of the LLM stage running now (``pipeline.progress.StageProgress``), set by the runner.
+    progress: Any = field(default=None, init=False)
     _cache: Optional[CompletionCache] = field(default=None, init=False)
     _llms: dict[str, CachedLLM] = field(default_factory=dict, init=False)
     _tokenizer: Any = field(default=None, init=False)
@@ -55,7 +57,7 @@ class RunContext:
                 for k in [k for k, cached in self._llms.items() if cached.backend.kind == "vllm"]:
                     self._llms.pop(k).close()
             backend = make_backend(stage_cfg.backend, resolve=lambda p: self.recipe.resolve(p))
-            llm = CachedLLM(backend, self.cache)
+            llm = CachedLLM(backend, self.cache, on_progress=self._llm_progress)
             if self.invocation:
                 llm.cache = LedgerView(self.cache, self.invocation, f"{self.slot_prefix}{len(self._llms)}", llm)
             self._llms[key] = llm
@@ -102,11 +104,18 @@ class RunContext:
         return out
 
     def add_remote_stats(self, stats: dict[str, dict[str, Any]]) -> None:
+        """A Ray worker's counter delta for one shard: into the totals and the live figures."""
         for model, s in stats.items():
             d = self._remote.setdefault(model, {"backend": s.get("backend", "?")})
             for k, v in s.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     d[k] = d.get(k, 0) + v
+            self._llm_progress(requests=int(s.get("requests_sent", 0)), cache_hits=int(s.get("cache_hits", 0)),
+                               completion_tokens=int(s.get("completion_tokens", 0)))
+
+    def _llm_progress(self, **counts: int) -> None:
+        if self.progress is not None:
+            self.progress.add(**counts)
 
     def close(self) -> None:
         for llm in self._llms.values():

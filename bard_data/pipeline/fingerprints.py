@@ -34,6 +34,7 @@ OUTSIDE_FINGERPRINTS: dict[str, str] = {
     "*.backend.backoff_s": "how long to wait between retries",
     "*.backend.gpu_memory_utilization": "engine memory, not sampling",
     "*.backend.api_key_env": "where the key is read from",
+    "*.backend.price": "what requests cost, not what they return",
 }
 
 FULL_HASH_MAX_BYTES = 256 << 20

@@ -1,6 +1,11 @@
 """``RUN_DIR/manifest.json``: the resolved recipe and its hash, package versions, models, seeds,
 timings, and every invocation's LLM counters. The only module that reads or writes it.
 
+Per stage (``invocations[].llm_stages`` and, summed over invocations, ``llm_stages``): per model,
+the growth of the LLM counters while the stage ran (requests sent, cache hits, errors, prompt and
+completion tokens, ``generate_seconds`` measured inside the backend's generate) and ``cost_usd``
+where the recipe prices the stage's backend. ``tokens`` keeps the per-model totals.
+
 Request accounting: each invocation's LLM counters go to the completion cache's ledger in the
 same transaction as the completions they paid for, and the manifest is written when the
 invocation starts, after every stage and when it ends. The next invocation completes the record
@@ -25,6 +30,7 @@ FILE = "manifest.json"
 PACKAGES = ["bard_data", "polars", "duckdb", "pyarrow", "torch", "transformers", "vllm", "openai", "math-verify",
             "datasets", "trl"]
 COUNTERS = ("prompt_tokens", "completion_tokens", "requests_sent", "cache_hits", "errors")
+SUMS = (*COUNTERS, "generate_seconds", "cost_usd")  # what the totals over invocations add up
 
 
 def path(run_dir: str | Path) -> Path:
@@ -93,6 +99,42 @@ def merge_counters(a: dict, b: dict) -> dict:
     return out
 
 
+def stage_prices(recipe: Recipe, sections) -> dict[str, Any]:
+    """``{table: PriceConfig}`` for the LLM stages whose backend has a ``price``; ``sections``:
+    (recipe section, table) pairs."""
+    out = {}
+    for section, table in sections:
+        cfg = getattr(recipe, section, None)
+        price = getattr(getattr(cfg, "backend", None), "price", None)
+        if price is not None:
+            out[table] = price
+    return out
+
+
+def usage_delta(before: dict, after: dict, price=None) -> dict:
+    """Per model, what the counters of ``ctx.llm_stats()`` grew by between two snapshots, with
+    ``cost_usd`` when ``price`` (a ``PriceConfig``) is given; models that did nothing are left out."""
+    out = {}
+    for model, s in after.items():
+        b = before.get(model, {})
+        d = {k: v - b.get(k, 0) for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if not any(d.values()):
+            continue
+        d["backend"] = s.get("backend", "?")
+        if price is not None:
+            d["cost_usd"] = price.cost(d.get("prompt_tokens", 0), d.get("completion_tokens", 0))
+        out[model] = d
+    return out
+
+
+def add_counters(acc: dict, stats: dict, keys=SUMS) -> None:
+    """Add the numeric ``keys`` of ``stats`` into ``acc``."""
+    for k in keys:
+        v = stats.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            acc[k] = acc.get(k, 0) + v
+
+
 def reconcile_invocations(invocations: list[dict], ledger) -> list[dict]:
     """Complete the record of invocations that were killed (status still "running") from the
     cache's ledger (``ledger(invocation_id) -> counters``), written with every completion they stored."""
@@ -108,11 +150,20 @@ def write_manifest(run_dir: Path, manifest: dict, invocation: dict) -> None:
     """Write ``manifest`` with ``invocation`` (replacing its earlier record) and the token totals."""
     runs = [r for r in manifest["invocations"] if r.get("id", r.get("started")) != invocation["id"]] + [invocation]
     manifest["invocations"] = runs
-    tokens: dict[str, dict[str, int]] = {}
+    tokens: dict[str, dict[str, Any]] = {}
+    stages: dict[str, dict[str, dict[str, Any]]] = {}
     for r in runs:
         for model, s in r.get("llm", {}).items():
             t = tokens.setdefault(model, {k: 0 for k in COUNTERS})
-            for k in t:
+            for k in COUNTERS:
                 t[k] += int(s.get(k, 0))
+            t["generate_seconds"] = t.get("generate_seconds", 0.0) + float(s.get("generate_seconds", 0.0) or 0.0)
+        for stage, per_model in (r.get("llm_stages") or {}).items():
+            for model, s in per_model.items():
+                acc = stages.setdefault(stage, {}).setdefault(model, {"backend": s.get("backend", "?")})
+                add_counters(acc, s)
+                if "cost_usd" in s and model in tokens:
+                    tokens[model]["cost_usd"] = tokens[model].get("cost_usd", 0.0) + s["cost_usd"]
     manifest["tokens"] = tokens
+    manifest["llm_stages"] = stages
     atomic_write_json(path(run_dir), manifest)

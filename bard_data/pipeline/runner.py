@@ -43,7 +43,8 @@ from bard_data.pipeline.executors import make_executor
 from bard_data.pipeline.fingerprints import source_files, stage_fingerprints, why_recompute
 from bard_data.pipeline.funnel import build_funnel, shard_record
 from bard_data.pipeline.lock import RunLock
-from bard_data.pipeline.preflight import preflight
+from bard_data.pipeline.preflight import LLM_SECTIONS, preflight
+from bard_data.pipeline.progress import StageProgress
 from bard_data.pipeline.stage import ShardedStage, Stage
 from bard_data.pipeline.store import ArtifactStore, input_hash, remove_temp_files
 
@@ -166,15 +167,20 @@ def run_sharded(ctx: RunContext, stage: ShardedStage, executor, fingerprint: Opt
             if why == "llm_error":
                 log.info("%s shard %d: retrying the rows whose LLM call failed", name, i)
     bar = tqdm(total=n, initial=n - len(todo), desc=name, unit="shard", disable=ctx.quiet)
-    for i, res in executor.map_shards(ctx, stage, [(i, shards[i]) for i in todo]):
-        _write_reports(store, res.reports)
-        rec = shard_record(name, i, res, shards[i].height, hashes[i])
-        if fp is not None:
-            rec["fingerprint"] = fp
-        store.write_shard(name, i, res.kept, res.excluded, rec)
-        ctx.on_shard_written(name, i)
-        bar.update(1)
-    bar.close()
+    ctx.progress = StageProgress(bar, sum(stage.planned_requests(shards[i]) for i in todo), name=name)
+    try:
+        for i, res in executor.map_shards(ctx, stage, [(i, shards[i]) for i in todo]):
+            _write_reports(store, res.reports)
+            rec = shard_record(name, i, res, shards[i].height, hashes[i])
+            if fp is not None:
+                rec["fingerprint"] = fp
+            store.write_shard(name, i, res.kept, res.excluded, rec)
+            ctx.on_shard_written(name, i)
+            bar.update(1)
+            ctx.progress.show()
+    finally:
+        ctx.progress = None
+        bar.close()
     store.mark_done(name, {**layout, **(fingerprint or {})})
 
 
@@ -345,9 +351,16 @@ def _run_locked(recipe: Recipe, stages: Sequence[Stage], rd: Path, fresh: bool, 
         "timings": previous.get("timings", {}),
     }
     invocation: dict[str, Any] = {"id": ctx.invocation, "started": started, "status": "running",
-                                  "pid": os.getpid(), "stages_run": [], "llm": {}}
+                                  "pid": os.getpid(), "stages_run": [], "llm": {}, "llm_stages": {}}
+    prices = mf.stage_prices(recipe, LLM_SECTIONS)
+    running: dict[str, Any] = {}  # the stage under way and the LLM counters before it
 
     def save() -> None:
+        if running:  # per stage: the counters' growth while it ran (Ray workers' deltas included)
+            name = running["stage"]
+            used = mf.usage_delta(running["before"], ctx.llm_stats(), prices.get(name))
+            if used:
+                invocation["llm_stages"][name] = used
         invocation["llm"] = ctx.llm_stats()
         mf.write_manifest(rd, manifest, invocation)
 
@@ -359,6 +372,7 @@ def _run_locked(recipe: Recipe, stages: Sequence[Stage], rd: Path, fresh: bool, 
             if stage.name not in pending:
                 continue
             t0 = time.perf_counter()
+            running.update(stage=stage.name, before=ctx.llm_stats())
             run_stage(ctx, stage, executor, fps[stage.name])
             dt = time.perf_counter() - t0
             errors = ctx.store.llm_errors(stage.name)
@@ -370,6 +384,7 @@ def _run_locked(recipe: Recipe, stages: Sequence[Stage], rd: Path, fresh: bool, 
             manifest["timings"][stage.name] = manifest["timings"].get(stage.name, 0.0) + dt
             invocation["stages_run"].append(stage.name)
             save()
+            running.clear()
             if until and stage.name == until:
                 break
         if invocation["stages_run"] or not ctx.store.exists("funnel"):

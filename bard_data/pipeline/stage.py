@@ -95,3 +95,8 @@ class ShardedStage(Stage):
 
     def process_shard(self, ctx: "RunContext", shard: pl.DataFrame, i: int) -> ShardResult:
         raise NotImplementedError
+
+    def planned_requests(self, shard: pl.DataFrame) -> int:
+        """LLM requests ``process_shard`` makes for these rows before any retry (the live figures'
+        plan): one per row unless the stage says otherwise."""
+        return shard.height

@@ -18,7 +18,7 @@ __all__ = ["PARTS", "Query", "load_query", "shipped_queries", "titles"]
 # Report parts in the order they are printed and rendered (one file each in bard_data/queries).
 PARTS = [
     "funnel", "counters", "sizes", "sft_composition", "rl_splits", "budget_histogram", "balance_summary",
-    "compression_by_bin", "compression_fidelity", "judge_pass_rate", "judge_scores", "teacher_pass_rate", "tokens",
+    "compression_by_bin", "compression_fidelity", "judge_pass_rate", "judge_scores", "teacher_pass_rate", "tokens", "cost_throughput",
 ]
 
 

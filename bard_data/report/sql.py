@@ -7,11 +7,12 @@
   ``judgments``, ``sft``, ``rl``, ``funnel``, ``decontamination`` (each when the run has it),
   ``excluded`` (every dropped row of every stage, with ``stage``, ``reason`` and ``detail``),
   ``manifest`` (one row: name, recipe_hash, complete, license, ...), ``tokens`` (LLM usage per
-  model), ``balance`` (the SFT budget histogram before/after balancing, one row per bin) and
+  model), ``llm_usage`` (per stage and model: requests, cache hits, tokens, generation seconds,
+  cost where priced), ``balance`` (the SFT budget histogram before/after balancing, one row per bin) and
   ``tables`` (every view with its row count);
 - an exported or downloaded dataset (``<config>/<split>-*.parquet``, ``data/<config>/...``, or
   folders written by ``datasets``' ``save_to_disk``): one view per config (all splits; a table
-  with a ``split`` column keeps it), plus ``manifest``/``tokens``/``balance`` when the export's
+  with a ``split`` column keeps it), plus ``manifest``/``tokens``/``llm_usage``/``balance`` when the export's
   ``bard_run.json`` is there, and ``tables``.
 
 Views over Parquet read the files lazily; ``save_to_disk`` folders are loaded with
@@ -186,6 +187,23 @@ def tokens_frame(tokens: dict[str, Any]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"model": pl.Utf8, **{c: pl.Int64 for c in cols}})
 
 
+USAGE_COLUMNS = {"stage": pl.Utf8, "model": pl.Utf8, "backend": pl.Utf8, "requests_sent": pl.Int64,
+                 "cache_hits": pl.Int64, "errors": pl.Int64, "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64,
+                 "generate_seconds": pl.Float64, "cost_usd": pl.Float64}
+
+
+def usage_frame(llm_stages: dict[str, Any]) -> pl.DataFrame:
+    """The manifest's ``llm_stages`` (per stage, per model: requests, cache hits, tokens, generation
+    seconds, cost where priced) as rows; ``cost_usd`` is null for a stage whose backend has no price."""
+    rows = []
+    for stage, per_model in (llm_stages or {}).items():
+        for model, s in (per_model or {}).items():
+            s = s or {}
+            rows.append({"stage": stage, "model": model, "backend": s.get("backend"),
+                         **{c: s.get(c, None if c == "cost_usd" else 0) for c in list(USAGE_COLUMNS)[3:]}})
+    return pl.DataFrame(rows, schema=USAGE_COLUMNS)
+
+
 def balance_frame(balance: Any) -> pl.DataFrame:
     """An export's balance report (``bard_run.json``): a list of bin rows, or the report dict
     older exports stored."""
@@ -240,6 +258,7 @@ def _connect_run(b: _Builder, root: Path) -> None:
     manifest = mf.read_manifest(root)
     b.frame_view("manifest", manifest_frame(manifest), str(mf.path(root)))
     b.frame_view("tokens", tokens_frame(manifest.get("tokens") or {}), str(mf.path(root)))
+    b.frame_view("llm_usage", usage_frame(manifest.get("llm_stages") or {}), str(mf.path(root)))
     if "balance" not in b.rows:  # a run without compressions: the report's bins are empty
         b.frame_view("balance", pl.DataFrame(schema=BALANCE_SCHEMA), str(root / "balance"))
 
@@ -321,6 +340,7 @@ def _connect_dataset(b: _Builder, root: Path) -> None:
     if info:
         b.frame_view("manifest", manifest_frame(info), str(root / EXPORT_MARKER))
         b.frame_view("tokens", tokens_frame(info.get("tokens") or {}), str(root / EXPORT_MARKER))
+        b.frame_view("llm_usage", usage_frame(info.get("llm_stages") or {}), str(root / EXPORT_MARKER))
         b.frame_view("balance", balance_frame(info.get("balance") or {}), str(root / EXPORT_MARKER))
     if not b.rows:
         raise NotADatasetError(

@@ -38,6 +38,15 @@ def _empty_compressions(shard: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(schema=own)
 
 
+def next_attempt(r: dict, tol: float, one_sided: bool) -> dict | None:
+    """After attempt ``r`` (a row ``_attempt`` returned): the row's next attempt, with a target
+    corrected from the miss (a failed call keeps its target), or None when it met the budget."""
+    if r["error"] is None and within_tolerance(r["dev"], tol, one_sided):
+        return None
+    tgt = corrected_target(r["budget"], r["compressed_tokens"], r["target"]) if r["error"] is None else r["target"]
+    return {**r, "target": tgt, "attempts": r["attempts"] + 1}
+
+
 class CompressStage(ShardedStage):
     name = "compressions"
     reads = ("gold_chains",)
@@ -54,6 +63,9 @@ class CompressStage(ShardedStage):
         # the shard loop records them in the funnel instead of losing them.
         todo = gold.join(sched, on="sample_id", how="left").sort("sample_id", "budget_rank", nulls_last=True)
         return todo.with_row_index("_idx")
+
+    def planned_requests(self, shard: pl.DataFrame) -> int:
+        return shard.height - shard["budget"].null_count()  # first attempts; a chain too short gets none
 
     def _attempt(self, ctx, cfg: CompressionConfig, rows: list[dict], llm) -> list[dict]:
         """One generation round for ``rows``, measured in student tokens."""
@@ -97,11 +109,9 @@ class CompressStage(ShardedStage):
             nxt = []
             for r in self._attempt(ctx, cfg, pending, llm):
                 tried.setdefault(r["_idx"], []).append(r)
-                ok = r["error"] is None and within_tolerance(r["dev"], tol, one_sided)
-                if not ok:
-                    tgt = (corrected_target(r["budget"], r["compressed_tokens"], r["target"]) if r["error"] is None
-                           else r["target"])
-                    nxt.append({**r, "target": tgt, "attempts": r["attempts"] + 1})
+                again = next_attempt(r, tol, one_sided)
+                if again is not None:
+                    nxt.append(again)
             pending = nxt
         rows = []
         for idx in sorted(tried):
