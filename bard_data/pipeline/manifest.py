@@ -80,6 +80,34 @@ def seeds(recipe: Recipe) -> dict[str, Any]:
     return out
 
 
+LLM_STAGES = {"teacher": "teacher_samples", "compression": "compressions", "judge": "judgments"}
+"""The recipe section of each LLM stage and the table it writes."""
+
+
+def reproducibility(recipe: Recipe, tables: list[str], fingerprints: dict[str, str],
+                    verifications: list[dict] | None = None) -> dict[str, dict]:
+    """Per LLM stage among ``tables``: is its sampling reproducible on its backend, and why
+    (``bard_data.llm.repro``), with the last ``bard-data verify --resample`` of the stage as
+    built now (same fingerprint) taken into account."""
+    from bard_data.llm.repro import assess, with_verification
+
+    ex = recipe.executor
+    on_cpu = False if (ex.kind == "ray" and ex.num_gpus_per_worker > 0) else None  # None: this process decides
+    out: dict[str, dict] = {}
+    for section, table in LLM_STAGES.items():
+        cfg = getattr(recipe, section, None)
+        if table not in tables or cfg is None or getattr(cfg, "backend", None) is None:
+            continue
+        entry = assess(cfg.backend, cfg.sampling, on_cpu)
+        last = None
+        for v in verifications or []:
+            st = (v.get("stages") or {}).get(table)
+            if st and st.get("fingerprint") == fingerprints.get(table):
+                last = {"time": v.get("time"), **st}
+        out[table] = with_verification(entry, last)
+    return out
+
+
 def merge_counters(a: dict, b: dict) -> dict:
     """Per model, the larger of two snapshots of monotonic counters."""
     out = {m: dict(v) for m, v in a.items()}
