@@ -12,6 +12,7 @@ from bard_data.pipeline import runner
 from bard_data.pipeline.context import RunContext
 from bard_data.pipeline.manifest import read_manifest
 from bard_data.pipeline.runner import RunPlan, funnel_frame, resolve_run_dir, run_status
+from bard_data.pipeline.verify import verify_run
 from bard_data.report.diff import diff_builds
 from bard_data.report.publish import export, push
 from bard_data.report.sql import connect, query
@@ -19,7 +20,7 @@ from bard_data.report.stats import report
 from bard_data.stages import STAGES
 
 __all__ = ["load_recipe", "run_recipe", "plan_run", "diff_builds", "run_status", "read_manifest", "funnel_frame", "resolve_run_dir", "query",
-           "connect", "report", "export", "push"]
+           "connect", "report", "export", "push", "verify"]
 
 
 def run_recipe(recipe: Recipe | str | Path, run_dir: str | Path | None = None, quiet: bool = False,
@@ -37,3 +38,10 @@ def plan_run(recipe: Recipe | str | Path, run_dir: str | Path | None = None) -> 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     return runner.plan_run(recipe, STAGES, run_dir)
+
+
+def verify(run_dir: str | Path, sample: int = 5, resample: int = 0, seed: int = 0, record: bool = True) -> dict:
+    """Recompute ``sample`` random rows of each LLM stage of a finished run from the completion
+    cache and compare them with the stored rows; with ``resample`` > 0 also re-send that many of
+    their requests per stage to the backend and compare the texts (``bard-data verify``)."""
+    return verify_run(run_dir, STAGES, sample=sample, resample_n=resample, seed=seed, record=record)
