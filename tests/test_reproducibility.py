@@ -183,6 +183,15 @@ def test_false_stages_are_said_at_start_and_recorded(tmp_path, tiny_model_dir, s
     assert len(warnings) == 1 and warnings[0].startswith("compressions is not reproducible (vllm")
     assert "enable_chunked_prefill" in warnings[0]
     assert any(r.getMessage().startswith("judgments is reproducible only if the server is") for r in caplog.records)
+    # A stage not to be built again keeps the verdict recorded when it was built (same
+    # fingerprint); one to be built is assessed anew.
+    fps = {t: f"fp-{t}" for t in LLM_TABLES}
+    previous = {"fingerprints": fps, "reproducibility": {t: {**repro[t], "why": "as built"} for t in LLM_TABLES}}
+    again = mf.reproducibility(recipe, list(LLM_TABLES), fps, previous, pending=["judgments"])
+    assert again["teacher_samples"]["why"] == again["compressions"]["why"] == "as built"
+    assert again["judgments"]["why"] == repro["judgments"]["why"]
+    moved = mf.reproducibility(recipe, list(LLM_TABLES), {**fps, "compressions": "other"}, previous, pending=[])
+    assert moved["compressions"]["why"] == repro["compressions"]["why"]
 
 
 def test_batch_invariant_mode_refused_on_cpu_and_outside_old_fingerprints(tmp_path, monkeypatch):

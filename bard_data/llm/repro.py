@@ -100,13 +100,16 @@ def _transformers(cfg, greedy: bool) -> dict[str, Any]:
 
 def with_verification(entry: dict[str, Any], check: Optional[dict[str, Any]]) -> dict[str, Any]:
     """A stage's entry with the last ``bard-data verify --resample`` of that stage (same
-    fingerprint): re-sent requests that got other texts than the run's make it ``False``."""
+    fingerprint): re-sent requests that got other texts than the run's make it ``False`` (the
+    verdict from the config is kept under ``assessed``)."""
+    base = {k: v for k, v in entry.items() if k not in ("verified", "assessed")}
+    base.update(entry.get("assessed") or {})
     if not check or not check.get("resampled"):
-        return entry
-    out = {**entry, "verified": {k: check[k] for k in ("time", "resampled", "texts_matched") if k in check}}
+        return base
+    out = {**base, "verified": {k: check[k] for k in ("time", "resampled", "texts_matched") if k in check}}
     bad = check["resampled"] - check.get("texts_matched", 0) - check.get("resample_errors", 0)
     if bad > 0:
-        out.update(reproducible=False,
-                   why=f"bard-data verify --resample: {bad} of {check['resampled']} re-sent requests got another text "
-                       f"than the run's (before: {entry.get('why')})")
+        out.update(assessed={"reproducible": base.get("reproducible"), "why": base.get("why")}, reproducible=False,
+                   why=f"bard-data verify --resample: {bad} of {check['resampled']} re-sent requests got another "
+                       "text than the run's")
     return out

@@ -311,7 +311,7 @@ def _run_locked(recipe: Recipe, stages: Sequence[Stage], rd: Path, fresh: bool, 
         for line in plan.lines():
             log.info("%s", line)
         fingerprints = {t: fps[t]["fingerprint"] for t in names}
-        repro = mf.reproducibility(recipe, names, fingerprints, previous.get("verifications"))
+        repro = mf.reproducibility(recipe, names, fingerprints, previous, pending)
         _say_reproducibility(repro, pending)
         if pending:
             preflight(ctx, [s for s in order if s.name in pending])
