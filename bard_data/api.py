@@ -12,6 +12,7 @@ from bard_data.pipeline import runner
 from bard_data.pipeline.context import RunContext
 from bard_data.pipeline.manifest import read_manifest
 from bard_data.pipeline.runner import RunPlan, funnel_frame, resolve_run_dir, run_status
+from bard_data.pipeline.verify import verify_run
 from bard_data.plan import Plan
 from bard_data.plan import plan_recipe as _plan_recipe
 from bard_data.report.diff import diff_builds
@@ -20,8 +21,8 @@ from bard_data.report.sql import connect, query
 from bard_data.report.stats import report
 from bard_data.stages import STAGES
 
-__all__ = ["load_recipe", "run_recipe", "plan_run", "plan_recipe", "diff_builds", "run_status", "read_manifest", "funnel_frame", "resolve_run_dir", "query",
-           "connect", "report", "export", "push"]
+__all__ = ["load_recipe", "run_recipe", "plan_run", "plan_recipe", "diff_builds", "run_status", "read_manifest",
+           "funnel_frame", "resolve_run_dir", "query", "connect", "report", "export", "push", "verify"]
 
 
 def run_recipe(recipe: Recipe | str | Path, run_dir: str | Path | None = None, quiet: bool = False,
@@ -48,3 +49,10 @@ def plan_recipe(recipe: Recipe | str | Path, run_dir: str | Path | None = None, 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     return _plan_recipe(recipe, run_dir, throughput=throughput, assume=assume, fresh=fresh)
+
+
+def verify(run_dir: str | Path, sample: int = 5, resample: int = 0, seed: int = 0, record: bool = True) -> dict:
+    """Recompute ``sample`` random rows of each LLM stage of a finished run from the completion
+    cache and compare them with the stored rows; with ``resample`` > 0 also re-send that many of
+    their requests per stage to the backend and compare the texts (``bard-data verify``)."""
+    return verify_run(run_dir, STAGES, sample=sample, resample_n=resample, seed=seed, record=record)

