@@ -40,16 +40,31 @@ def _launch(module: str, args: list[str], timeout: int = 180) -> str:
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
            "--config_file", str(LAUNCH_CONFIGS / "ddp.yaml"), "--num_processes", "2",
            "--mixed_precision", "no", "--main_process_port", str(_free_port()), "-m", module, *args]
-    # Its own process group: on a timeout the ranks go too (they outlive a killed launcher and
-    # would hold the output pipe open).
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        pytest.fail(f"{module} ran past {timeout} s:\n{out[-6000:]}")
+    # The output goes to a file, not a pipe: a rank that outlives the launcher cannot block the
+    # test by holding a pipe open. On a timeout the whole process tree goes (the launcher's own
+    # process group, and any rank that started a session of its own).
+    import tempfile
+
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = psutil.Process(p.pid).children(recursive=True)
+            os.killpg(p.pid, signal.SIGKILL)
+            for child in tree:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            p.wait(timeout=60)
+            log.seek(0)
+            pytest.fail(f"{module} ran past {timeout} s:\n{log.read()[-6000:]}")
+        log.seek(0)
+        out = log.read()
     assert p.returncode == 0, f"{module} exited {p.returncode}:\n{out[-6000:]}"
     return out
 
