@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import polars as pl
 
-from bard_data.pipeline.runner import run_whole
+from bard_data.pipeline.build import run_whole
 from bard_data.pipeline.store import ArtifactStore
 from bard_data.stages import gold
 

@@ -187,7 +187,7 @@ def test_sft_written_in_slices_equals_one_part(full_run, tmp_path, monkeypatch):
     import shutil
     from types import SimpleNamespace
 
-    from bard_data.pipeline.runner import run_whole
+    from bard_data.pipeline.build import run_whole
     from bard_data.stages import sft
 
     run_dir, recipe = full_run

@@ -18,35 +18,31 @@ are cache hits.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import polars as pl
-from tqdm.auto import tqdm
 
 from bard_data.config import Recipe
 from bard_data.config.executor import ExecutorConfig
 from bard_data.config.safety import trust_notes
 from bard_data.errors import BardError
 from bard_data.pipeline import manifest as mf
+from bard_data.pipeline.build import run_stage
 from bard_data.pipeline.context import RunContext
 from bard_data.pipeline.executors import make_executor
 from bard_data.pipeline.fingerprints import source_files, stage_fingerprints, why_recompute
-from bard_data.pipeline.funnel import build_funnel, shard_record
+from bard_data.pipeline.funnel import build_funnel
 from bard_data.pipeline.lock import RunLock
 from bard_data.pipeline.preflight import LLM_SECTIONS, preflight
-from bard_data.pipeline.progress import StageProgress
-from bard_data.pipeline.stage import ShardedStage, Stage
-from bard_data.pipeline.store import ArtifactStore, input_hash, remove_temp_files
+from bard_data.pipeline.stage import Stage
+from bard_data.pipeline.store import ArtifactStore, remove_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -72,126 +68,6 @@ def stage_order(stages: Sequence[Stage], recipe: Recipe) -> list[Stage]:
         order.append(ready)
         done.add(ready.name)
     return order
-
-
-# -- writing ---------------------------------------------------------------------------------
-
-
-class BackgroundWriter:
-    """Runs writes on one background thread, one at a time, so that the next part is prepared
-    while the previous one is compressed (Polars releases the GIL while it encodes Parquet).
-    ``submit`` waits for the write before it; leaving the ``with`` block waits for the last one,
-    and a write's exception is raised there (or at the next ``submit``)."""
-
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bard-writer")
-        self._pending = None
-
-    def submit(self, fn: Callable, *args) -> None:
-        self.wait()
-        self._pending = self._pool.submit(fn, *args)
-
-    def wait(self) -> None:
-        f, self._pending = self._pending, None
-        if f is not None:
-            f.result()
-
-    def __enter__(self) -> "BackgroundWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
-
-
-def _write_reports(store: ArtifactStore, reports: dict[str, pl.DataFrame]) -> None:
-    for name, df in reports.items():
-        store.write_table(name, df)
-
-
-def run_whole(ctx: RunContext, stage: Stage, fingerprint: Optional[dict] = None) -> None:
-    """A stage that yields its table's parts: each written as part i with its funnel record,
-    then the table is marked done (with ``fingerprint``). The table is rebuilt whole; the old one
-    is removed only once the stage has produced its first part, so an input the stage refuses
-    (a broken source file) costs nothing already written."""
-    store, name = ctx.store, stage.name
-    parts = iter(stage.run(ctx))
-    first = next(parts, None)
-    if first is None:
-        raise RuntimeError(f"stage '{name}' yielded no part")
-    store.clear_table(name)
-    n = rows = 0
-    with BackgroundWriter() as writer:
-        for i, res in enumerate(itertools.chain([first], parts)):
-            if res.rows_in is None:
-                raise RuntimeError(f"stage '{name}': a part of a whole-table stage must state rows_in")
-            _write_reports(store, res.reports)
-            rec = shard_record(name, i, res, res.rows_in)
-            writer.submit(store.write_shard, name, i, res.kept, res.excluded, rec)
-            ctx.on_shard_written(name, i)
-            n, rows = n + 1, rows + res.kept.height
-    store.finish_table(name, {"shards": n, "rows": rows}, fingerprint)
-
-
-def run_sharded(ctx: RunContext, stage: ShardedStage, executor, fingerprint: Optional[dict] = None) -> None:
-    """Split the stage's inputs (already in a deterministic order) into shards; run the ones not
-    finished.
-
-    A shard is finished when its files are whole and its funnel record carries the hash of the
-    very input rows it was computed from (``store.shard_problem``), so a shard whose input
-    changed (an upstream stage was redone, or the shard size changed) is recomputed and a
-    damaged one is recomputed with a warning; its LLM calls are in the cache, so that is cheap.
-    Shards with rows dropped as ``llm_error`` are redone on every new invocation: the rows that
-    worked come back from the cache, only the failed requests are sent again. Shards beyond the
-    current count (a larger shard size before) are removed. A shard computed under another
-    ``fingerprint`` (an edited recipe) is recomputed, so a rebuild killed half way resumes.
-    """
-    fp = (fingerprint or {}).get("fingerprint")
-    store, name = ctx.store, stage.name
-    inputs = stage.inputs(ctx)
-    store.unmark_done(name)  # from here on, a kill leaves the table unfinished (its shards resume)
-    size = ctx.recipe.shard_size
-    n = max(1, math.ceil(inputs.height / size))
-    layout = {"shard_size": size, "shards": n, "rows": inputs.height}
-    store.start_table(name, layout)
-    shards = [inputs.slice(i * size, size) for i in range(n)]
-    hashes = [input_hash(sh) for sh in shards]
-    todo = []
-    for i in range(n):
-        why = store.shard_problem(name, i, hashes[i], retry_errors=True, fingerprint=fp)
-        if why is not None:
-            todo.append(i)
-            if why == "llm_error":
-                log.info("%s shard %d: retrying the rows whose LLM call failed", name, i)
-    bar = tqdm(total=n, initial=n - len(todo), desc=name, unit="shard", disable=ctx.quiet)
-    ctx.progress = StageProgress(bar, sum(stage.planned_requests(shards[i]) for i in todo), name=name)
-    try:
-        for i, res in executor.map_shards(ctx, stage, [(i, shards[i]) for i in todo]):
-            _write_reports(store, res.reports)
-            rec = shard_record(name, i, res, shards[i].height, hashes[i])
-            if fp is not None:
-                rec["fingerprint"] = fp
-            store.write_shard(name, i, res.kept, res.excluded, rec)
-            ctx.on_shard_written(name, i)
-            bar.update(1)
-            ctx.progress.show()
-    finally:
-        ctx.progress = None
-        bar.close()
-    store.mark_done(name, {**layout, **(fingerprint or {})})
-
-
-def run_stage(ctx: RunContext, stage: Stage, executor=None, fingerprint: Optional[dict] = None) -> None:
-    """Build (or finish) one stage's table in ``ctx``'s run directory; its inputs must be there.
-    ``executor``: where the shards of a sharded stage run (default: here); ``fingerprint``:
-    ``{"fingerprint", "basis"}`` recorded with the table."""
-    if isinstance(stage, ShardedStage):
-        run_sharded(ctx, stage, executor or make_executor(None), fingerprint)
-    else:
-        run_whole(ctx, stage, fingerprint)
 
 
 def _verify_done(store: ArtifactStore, stages: list[Stage]) -> None:
