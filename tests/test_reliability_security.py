@@ -138,7 +138,7 @@ def test_backends_and_tokenizer_pass_trust_remote_code_through(monkeypatch, tmp_
 
     from bard_data.config.llm import TransformersBackendConfig, VLLMBackendConfig
     from bard_data.llm.transformers_backend import TransformersLLM
-    from bard_data.llm.vllm_backend import engine_kwargs_for
+    from bard_data.llm.vllm_settings import engine_kwargs_for
     from bard_data.pipeline.context import RunContext
 
     seen = []

@@ -123,7 +123,7 @@ def requests_sent(run_dir: Path) -> int:
 
 
 def test_vllm_cpu_gets_seeds_with_whole_prefills_and_forced_chunking_turns_them_off(tmp_path):
-    from bard_data.llm.vllm_backend import CPU_MIN_BATCHED_TOKENS, engine_kwargs_for, seed_plan
+    from bard_data.llm.vllm_settings import CPU_MIN_BATCHED_TOKENS, engine_kwargs_for, seed_plan
 
     cfg = VLLMBackendConfig(kind="vllm", model="m", max_model_len=2048)
     kw = engine_kwargs_for("m", cfg, on_cpu=True)
@@ -200,7 +200,7 @@ def test_false_stages_are_said_at_start_and_recorded(tmp_path, tiny_model_dir, s
 
 
 def test_batch_invariant_mode_refused_on_cpu_and_part_of_the_fingerprint(tmp_path, monkeypatch):
-    from bard_data.llm.vllm_backend import _enable_batch_invariance
+    from bard_data.llm.vllm_settings import enable_batch_invariance as _enable_batch_invariance
 
     with pytest.raises(BackendError, match="needs a GPU"):
         _enable_batch_invariance("m", on_cpu=True)

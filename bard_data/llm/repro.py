@@ -49,7 +49,8 @@ def assess(backend_cfg, sampling, on_cpu: Optional[bool] = None) -> dict[str, An
 
 
 def _vllm(cfg, greedy: bool, on_cpu: Optional[bool]) -> dict[str, Any]:
-    from bard_data.llm.vllm_backend import _on_cpu, batch_invariant_env, engine_kwargs_for, seed_plan
+    from bard_data.llm.vllm_settings import batch_invariant_env, engine_kwargs_for, seed_plan
+    from bard_data.llm.vllm_settings import running_on_cpu as _on_cpu
 
     if on_cpu is None:
         on_cpu = _on_cpu()
@@ -80,7 +81,8 @@ def _vllm(cfg, greedy: bool, on_cpu: Optional[bool]) -> dict[str, Any]:
 
 def _vllm_settings(cfg, on_cpu: Optional[bool]) -> dict[str, Any]:
     """The engine settings reproducibility rests on, as the engine gets them."""
-    from bard_data.llm.vllm_backend import _on_cpu, batch_invariant_env, engine_kwargs_for, seed_plan
+    from bard_data.llm.vllm_settings import batch_invariant_env, engine_kwargs_for, seed_plan
+    from bard_data.llm.vllm_settings import running_on_cpu as _on_cpu
 
     on_cpu = _on_cpu() if on_cpu is None else on_cpu
     kw = engine_kwargs_for(cfg.model, cfg, on_cpu)
