@@ -262,9 +262,9 @@ def _truncation_prefix(counter, tokenizer, text: str, budget: int, prompt_text: 
     if closed and len(ids) <= budget:
         return text, False
     cut = tokenizer.decode(ids[:budget], skip_special_tokens=True).strip()
-    opened = prompt_text.rstrip().endswith(counter.cfg.think_open)
-    head = "" if opened else f"{counter.cfg.think_open}\n"
-    return f"{head}{cut}\n{counter.cfg.think_close}\n\n", True
+    opened = prompt_text.rstrip().endswith(counter.cfg.tags.open)
+    head = "" if opened else f"{counter.cfg.tags.open}\n"
+    return f"{head}{cut}\n{counter.cfg.tags.close}\n\n", True
 
 
 MODEL_FORMAT_FILE = "bard_prompt_format.json"
