@@ -112,7 +112,8 @@ def test_baselines_are_consistent(eval_run):
 
 
 def test_load_eval_sets(shared_data):
-    from trainers.evaluate import load_eval_set, parse_data_spec, spearman
+    from trainers.eval_data import load_eval_set, parse_data_spec
+    from trainers.eval_report import spearman
 
     m = load_eval_set(str(shared_data / "math500"), limit=2)
     assert m[0]["question"].startswith("Convert the point") and m[0]["gold"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
