@@ -18,7 +18,7 @@ import pytest
 
 from bard_data.api import run_recipe
 from bard_data.config import load_recipe
-from bard_data.pipeline import runner
+from bard_data.pipeline import build as stage_build
 from bard_data.pipeline.progress import StageProgress
 from bard_data.pipeline.store import ArtifactStore
 from bard_data.plan import parse_throughput, plan_recipe
@@ -84,7 +84,7 @@ def build(tmp_path_factory, tiny_model_dir, shared_data):
 
     _Recorder.made = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "StageProgress", _Recorder)
+        mp.setattr(stage_build, "StageProgress", _Recorder)
         with pytest.raises(Stop):
             run_recipe(recipe, quiet=True, hooks=[kill_after_first_compression_shard])
         out["partial_files"] = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
@@ -260,7 +260,7 @@ def test_prices_give_the_expected_cost_and_the_manifest_records_it(tmp_path, tin
         assert "cost exp (max)" in plan.render() and "$" in plan.render()
         _Recorder.made = []
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(runner, "StageProgress", _Recorder)
+            mp.setattr(stage_build, "StageProgress", _Recorder)
             run_recipe(recipe, quiet=True)
         sent_to_server = len(srv.requests)
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())

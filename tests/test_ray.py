@@ -62,7 +62,7 @@ def _ray_executor(address):
 
 
 def test_ray_run_equals_local_run(ray_cluster, local_run, tmp_path, tiny_model_dir, shared_data, monkeypatch):
-    from bard_data.pipeline import runner
+    from bard_data.pipeline import build
     from bard_data.pipeline.progress import StageProgress
 
     bars: list[StageProgress] = []
@@ -72,7 +72,7 @@ def test_ray_run_equals_local_run(ray_cluster, local_run, tmp_path, tiny_model_d
             super().__init__(*a, **kw)
             bars.append(self)
 
-    monkeypatch.setattr(runner, "StageProgress", Recorder)
+    monkeypatch.setattr(build, "StageProgress", Recorder)
     recipe = load_recipe(write_recipe(tmp_path, _recipe(tmp_path, tiny_model_dir, shared_data,
                                                         executor=_ray_executor(ray_cluster))))
     run_recipe(recipe, quiet=True)

@@ -361,7 +361,7 @@ def test_problems_from_needs_a_gold_column(tmp_path, tiny_model_dir, shared_data
     ([{"name": "t", "path": "t.jsonl", "preset": "openr1"}],
      "no problems: list `sources`, or set `problems_from: true` on a trace source"),
     ([{"name": "t", "path": "t.jsonl", "preset": "openr1", "think_tags": "dashes"}],
-     "traces[0].think_tags[0]: Value error, unknown think-tag convention 'dashes'; known: think, begin_of_thought, im_start"),
+     "traces[0].think_tags[0]: unknown think-tag convention 'dashes'; known: think, begin_of_thought, im_start"),
     ([{"name": "t", "path": "t.jsonl", "problems_from": True}, {"name": "t", "path": "t.jsonl"}],
      "trace source names must be unique; repeated: ['t']"),
 ])
