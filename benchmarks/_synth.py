@@ -44,6 +44,7 @@ SAMPLES_PER_PROBLEM = 4
 SOLVED = 0.85
 MAX_REASONING = 12000
 FORMAT_VERSION = 5  # bump when the generated data changes
+WRAP = 1 << 20  # longest text, in characters
 
 
 def _pool(rng: np.random.Generator, chars: int = 48_000_000) -> bytes:
@@ -88,6 +89,34 @@ class TextMaker:
             pos = (pos + take) % len(self.pool)
         data = np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
         self.pos = pos
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        arr = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(data))
+        return pl.from_arrow(arr).cast(pl.Utf8)
+
+    def reserve(self, lengths: np.ndarray) -> np.ndarray:
+        """Where in the pool each text ``make(lengths)`` would give starts, without building the
+        texts (``at`` builds them later, a shard at a time: a paper-scale run's text does not
+        fit in memory at full length)."""
+        lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
+        offsets = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        starts = (self.pos + offsets) % len(self.pool)
+        self.pos = int((self.pos + lengths.sum()) % len(self.pool))
+        return starts
+
+    def at(self, starts: np.ndarray, lengths: np.ndarray):
+        """The texts ``reserve`` placed at ``starts`` (the same strings ``make`` would give)."""
+        import polars as pl
+        import pyarrow as pa
+
+        lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
+        if getattr(self, "_wrapped", None) is None:  # the pool plus its head: no text wraps around
+            self._wrapped = np.concatenate([self.pool, self.pool[:WRAP]])
+        if len(lengths) and lengths.max() > WRAP:
+            raise ValueError(f"a text of {lengths.max()} characters is longer than {WRAP}")
+        data = np.concatenate([self._wrapped[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]) \
+            if len(lengths) else np.zeros(0, dtype=np.uint8)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         arr = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(data))
@@ -149,7 +178,9 @@ def tiny_model(work: Path) -> Path:
     return build_tiny_model(work / "tiny-model", SHARED_DATA / "gsm8k" / "train.jsonl")
 
 
-def _write_sharded(store, table: str, df, counters_fn=None) -> int:
+def _write_sharded(store, table: str, df, counters_fn=None, fill=None) -> int:
+    """``df`` in shards as a stage writes them; ``fill(part)``: the part as written (its text
+    built a shard at a time)."""
     from bard_data.pipeline.store import atomic_write_json
 
     n = max(1, math.ceil(df.height / SHARD))
@@ -157,6 +188,7 @@ def _write_sharded(store, table: str, df, counters_fn=None) -> int:
     atomic_write_json(store.table_dir(table) / "_layout.json", layout)
     for i in range(n):
         part = df.slice(i * SHARD, SHARD)
+        part = fill(part) if fill else part
         funnel = {"stage": table, "shard": i, "rows_in": part.height, "rows_out": part.height, "added": 0,
                   "dropped": {}, "counters": counters_fn(part) if counters_fn else {}}
         store.write_shard(table, i, part, None, funnel)
@@ -239,7 +271,7 @@ def make_run(out: str | Path, compressions: int, text_scale: float = 32, seed: i
     tokens = np.where(first_of_gold, gold_len, tokens)
     tokens = np.where(correct & (s_idx > 0), np.round(gold_len * rng.uniform(1.01, 2.0, size=S)), tokens).astype(np.int64)
     r_chars = np.round(tokens * cpt).astype(np.int64)
-    reasoning = texts.make(r_chars)
+    r_start = texts.reserve(r_chars)
     gold_ans = np.array(answers, dtype=object)[s_prob]
     pred = np.where(correct, gold_ans, (answers_i[s_prob] + 1).astype(str).astype(object))
     response = [f"So the final answer is $\\boxed{{{p}}}$." for p in pred.tolist()]
@@ -252,7 +284,8 @@ def make_run(out: str | Path, compressions: int, text_scale: float = 32, seed: i
         "model": ["deepseek-ai/DeepSeek-R1"] * S,
         "sample_index": s_idx,
         "prompt": prompt_q,
-        "reasoning": reasoning,
+        "_start": r_start,
+        "_chars": r_chars,
         "response": response,
         "predicted_answer": pred.tolist(),
         "gold_answer": gold_ans.tolist(),
@@ -262,15 +295,19 @@ def make_run(out: str | Path, compressions: int, text_scale: float = 32, seed: i
     }).with_columns(
         pl.concat_str(pl.lit('[{"role": "user", "content": "'), pl.col("prompt"),
                       pl.lit('\\n\\nPlease reason step by step, and put your final answer within \\\\boxed{}."}]')).alias("prompt"),
-        pl.format("<think>\n{}\n</think>\n\n{}", "reasoning", "response").alias("completion"),
         pl.lit(True).alias("think_closed"),
         pl.when(pl.col("reasoning_tokens") >= 16000).then(pl.lit("length")).otherwise(pl.lit("stop")).alias("finish_reason"),
     )
     from bard_data.stages.teacher import SAMPLE_COLUMNS
 
-    teacher = teacher.select(SAMPLE_COLUMNS).sort("problem_id", "sample_index")
+    def teacher_text(part):  # the reasoning and the completion holding it, a shard at a time
+        part = part.with_columns(texts.at(part["_start"].to_numpy(), part["_chars"].to_numpy()).alias("reasoning"))
+        return part.with_columns(pl.format("<think>\n{}\n</think>\n\n{}", "reasoning", "response").alias("completion")) \
+            .select(SAMPLE_COLUMNS)
+
+    teacher = teacher.sort("problem_id", "sample_index")
     store = ArtifactStore(out / "run")
-    n_teacher_parts = _write_sharded(store, "teacher_samples", teacher)
+    n_teacher_parts = _write_sharded(store, "teacher_samples", teacher, fill=teacher_text)
 
     # -- gold chains as the gold stage will choose them (shortest correct within the limit) ---
     gold = (
@@ -280,7 +317,7 @@ def make_run(out: str | Path, compressions: int, text_scale: float = 32, seed: i
         .unique("problem_id", keep="first", maintain_order=True)
         .sort("sample_id")
     )
-    del teacher, reasoning
+    del teacher
     # -- compressions: 3 log-uniform budgets per chain, below the chain's length -------------
     Gr = gold.height
     r = gold["reasoning_tokens"].to_numpy()
@@ -311,7 +348,8 @@ def make_run(out: str | Path, compressions: int, text_scale: float = 32, seed: i
         "target_tokens": b,
         "attempts": attempts,
         "model": ["Qwen/Qwen3-32B"] * n,
-        "compressed_reasoning": texts.make(np.round(ctoks * cpt)),
+        "_start": texts.reserve(np.round(ctoks * cpt)),
+        "_chars": np.round(ctoks * cpt).astype(np.int64),
         "compressed_tokens": ctoks,
         "reasoning_tokens": orig,
         "deviation": dev,
@@ -322,8 +360,15 @@ def make_run(out: str | Path, compressions: int, text_scale: float = 32, seed: i
         "finish_reason": ["stop"] * n,
     }).with_columns((pl.col("compressed_tokens") / pl.col("reasoning_tokens")).alias("ratio"))
     comp = comp.sort("sample_id", "budget_rank")
+    comp_columns = [c if c != "_start" else "compressed_reasoning" for c in comp.columns if c != "_chars"]
+
+    def comp_text(part):
+        return part.with_columns(texts.at(part["_start"].to_numpy(), part["_chars"].to_numpy())
+                                 .alias("compressed_reasoning")).select(comp_columns)
+
     n_comp_parts = _write_sharded(store, "compressions", comp, lambda part: {
-        "retried_requests": int((part["attempts"] - 1).sum()), "needed_retry": int((part["attempts"] > 1).sum())})
+        "retried_requests": int((part["attempts"] - 1).sum()), "needed_retry": int((part["attempts"] > 1).sum())},
+        fill=comp_text)
 
     # -- judgments on the answer-preserved compressions ---------------------------------------
     jd = comp.filter(pl.col("answer_preserved")).select("compression_id").sort("compression_id")

@@ -6,14 +6,17 @@ length) is generated once under ``--work-dir`` (default $BARD_BENCH_DIR or /tmp/
 a fresh process runs ``run_recipe`` on it -- the LLM stages are finished, so it runs exactly the
 post-processing: problems (loading, answers, ids, dedupe, decontamination against math500 and
 amc23), gold selection, SFT (filters, balancing, standard mix, formatting), RL, funnel -- and then
-the built-in stats report. Each step's wall time and sampled peak RSS are printed, plus the
-process's peak RSS (getrusage).
+the built-in stats report and ``export`` (every config, the card and its plots). Each step's
+wall time and sampled peak RSS are printed, plus the process's peak RSS (getrusage).
 
     python benchmarks/postprocess_scale.py                       # 130K, 650K, 1.3M
     python benchmarks/postprocess_scale.py --sizes 130000 --json out.json
+    python benchmarks/postprocess_scale.py --sizes 130000 --text-scale 32 4 1   # RSS against text length
 
 Targets (2-core machine): listed steps <= 60 s and peak RSS <= 4 GiB at 1.3M rows, cost linear
-in rows. The problems stage's loading part (answer normalization with math-verify) is reported
+in rows; at 1/4 of real text length, listed steps <= 120 s and peak RSS <= 4 GiB at 1.3M rows;
+peak RSS at 1/4 length within 10% of 1/32, at full length within 20%. Export is timed on its
+own line, not in the listed steps; its memory counts in the process's peak. The problems stage's loading part (answer normalization with math-verify) is reported
 on its own line and not counted in the target (it is not one of the listed post-processing steps).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +52,7 @@ def child(out: Path, with_stats: bool = True) -> dict:
 
     from bard_data.api import run_recipe
     from bard_data.pipeline import runner
+    from bard_data.report.publish import export
     from bard_data.report.stats import report
     from bard_data.stages import filter as filter_stage
     from bard_data.stages import problems, rl, sft
@@ -57,9 +62,9 @@ def child(out: Path, with_stats: bool = True) -> dict:
     timer = Timer(sampler)
     stage_run = runner.run_stage
 
-    def timed_stage(ctx, stage, executor=None):  # one step per stage, named after its table
+    def timed_stage(ctx, stage, *args, **kwargs):  # one step per stage, named after its table
         with timer.step(stage.name):
-            return stage_run(ctx, stage, executor)
+            return stage_run(ctx, stage, *args, **kwargs)
 
     runner.run_stage = timed_stage
     timer.wrap(problems, "build_problems", "/build_problems")
@@ -80,6 +85,8 @@ def child(out: Path, with_stats: bool = True) -> dict:
         with timer.step("stats"):
             rep = report(out / "run")
         stats_s = timer.wall["stats"]
+        with timer.step("export"):
+            export(out / "run", out / "export")
     sampler.stop()
     steps = timer.result()
     loading = steps.get(LOADING, {}).get("wall_s", 0.0)
@@ -88,6 +95,7 @@ def child(out: Path, with_stats: bool = True) -> dict:
         "steps": steps,
         "run_recipe_s": round(run_s, 3),
         "stats_s": None if stats_s is None else round(stats_s, 3),
+        "export_s": timer.wall.get("export"),
         "loading_s": loading,
         "target_total_s": round(run_s - loading + (stats_s or 0.0), 3),
         "target_total_cpu_s": round(steps["run_recipe"]["cpu_s"] - steps.get(LOADING, {}).get("cpu_s", 0.0)
@@ -99,7 +107,8 @@ def child(out: Path, with_stats: bool = True) -> dict:
 
 
 def ensure_run(work: Path, rows: int, text_scale: float) -> tuple[Path, dict]:
-    out = work / f"pp-{rows}"
+    # One folder per (rows, text scale): the full-length point must not overwrite the 1/32 one.
+    out = work / (f"pp-{rows}" if text_scale == 32 else f"pp-{rows}-t{text_scale:g}")
     import _synth
 
     if not _synth.is_ready(out, rows, text_scale):
@@ -114,7 +123,9 @@ def ensure_run(work: Path, rows: int, text_scale: float) -> tuple[Path, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES, help="compression rows per size")
-    ap.add_argument("--text-scale", type=float, default=32, help="texts are 1/N of real length (default 32)")
+    ap.add_argument("--text-scale", type=float, nargs="+", default=[32],
+                    help="texts are 1/N of real length (default 32); several: one run each, then RSS against N")
+    ap.add_argument("--keep", action="store_true", help="keep each run's export folder")
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -128,18 +139,32 @@ def main(argv=None) -> int:
 
     work = _synth.work_dir(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    results = []
-    for rows in args.sizes:
-        out, info = ensure_run(work, rows, args.text_scale)
-        print(f"measuring {rows} rows ...", file=sys.stderr, flush=True)
-        load = load_average()
-        res = run_child([__file__, "--child", str(out)], env={"OMP_NUM_THREADS": "1"})
-        res["load"] = f"{rows}: {load} before, {load_average()} after"
-        res["synth"] = info
-        results.append(res)
+    all_results = []
+    for scale in args.text_scale:
+        results = []
+        for rows in args.sizes:
+            out, info = ensure_run(work, rows, scale)
+            print(f"measuring {rows} rows at text scale 1/{scale:g} ...", file=sys.stderr, flush=True)
+            load = load_average()
+            res = run_child([__file__, "--child", str(out)], env={"OMP_NUM_THREADS": "1"})
+            res["load"] = f"{rows}: {load} before, {load_average()} after"
+            res["synth"] = info
+            res["text_scale"] = scale
+            results.append(res)
+            if not args.keep:  # the export is a second copy of the run's tables
+                shutil.rmtree(out / "export", ignore_errors=True)
+        _print_scale(results, scale)
+        all_results += results
+    if len(args.text_scale) > 1:
+        _print_rss_vs_scale(all_results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(all_results, indent=1))
+    return 0
 
+
+def _print_scale(results: list[dict], scale: float) -> None:
     print(f"# Paper-scale post-processing  ({machine()}; {', '.join(r['load'] for r in results)})")
-    print(f"# text scale 1/{args.text_scale:g}: every text is tokens * 4 / {args.text_scale:g} characters "
+    print(f"# text scale 1/{scale:g}: every text is tokens * 4 / {scale:g} characters "
           f"(token counts, budgets and row counts are full scale)")
     print("# rows per size: " + "; ".join(
         f"{r['rows']}: {r['synth']['problems_source_rows']} source problems, {r['synth']['teacher_samples']} teacher samples, "
@@ -171,13 +196,28 @@ def main(argv=None) -> int:
     for r in results:
         per = r["target_total_s"] / r["rows"] * 1e6
         lin = (r["target_total_s"] / base["target_total_s"]) / (r["rows"] / base["rows"]) if base["target_total_s"] else 0
-        print(f"{r['rows']:>9} rows: listed steps {r['target_total_s']:7.1f} s (target <= {TARGET_S:.0f} s at 1.3M)"
+        print(f"{r['rows']:>9} rows: listed steps {r['target_total_s']:7.1f} s (target <= {TARGET_S:.0f} s at 1.3M, 1/32)"
               f"  {per:6.1f} us/row  growth vs {base['rows']}: {lin:.2f}x linear"
               f"  peak RSS {r['peak_rss_gib']:.2f} GiB (target <= {TARGET_RSS_GIB:.0f})"
-              f"  problem loading {r['loading_s']:.1f} s (not in target)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0
+              f"  problem loading {r['loading_s']:.1f} s (not in target)  export {r['export_s'] or 0:.1f} s")
+    print()
+
+
+def _print_rss_vs_scale(results: list[dict]) -> None:
+    """Peak RSS against text length, per row count: the ratio to the 1/32 point (or the shortest)."""
+    print("# Peak RSS against text length (targets: 1/4 within 10% of 1/32, full length within 20%)")
+    header = ["rows", "text scale", "text GiB on disk", "listed steps s", "sft GiB", "gold GiB", "peak RSS GiB",
+              "vs shortest"]
+    rows = []
+    for n in sorted({r["rows"] for r in results}):
+        mine = sorted((r for r in results if r["rows"] == n), key=lambda r: -r["text_scale"])
+        base = mine[0]["peak_rss_gib"]
+        for r in mine:
+            rows.append([n, f"1/{r['text_scale']:g}", f"{r['synth']['disk_bytes'] / GiB:.2f}", r["target_total_s"],
+                         r["steps"].get("sft", {}).get("peak_rss_gib", ""),
+                         r["steps"].get("gold_chains", {}).get("peak_rss_gib", ""), r["peak_rss_gib"],
+                         f"{(r['peak_rss_gib'] / base - 1) * 100:+.0f}%"])
+    print(fmt_table(header, rows))
 
 
 if __name__ == "__main__":

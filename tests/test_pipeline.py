@@ -209,6 +209,52 @@ def test_sft_written_in_slices_equals_one_part(full_run, tmp_path, monkeypatch):
     assert store.verify_table("sft") == [] and store.read("balance").equals(ref.read("balance"))
 
 
+def test_sft_text_gathered_on_disk_equals_an_in_memory_join(full_run, tmp_path, monkeypatch):
+    """The sft stage gathers its text on disk in the table's order and reads it back in small
+    batches; every row's messages equal the ones built from the whole gold_chains and
+    compressions tables joined in memory on sample_id and compression_id."""
+    import shutil
+    from types import SimpleNamespace
+
+    from bard_data.budget.statement import messages_column
+    from bard_data.pipeline.build import run_whole
+    from bard_data.stages import sft
+
+    run_dir, recipe = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    store = ArtifactStore(copy)
+    # Every compression passes the filters (the tiny model changes every answer), and both input
+    # tables are stored in several parts in an order of their own: the locators have work to do.
+    comps = store.read("compressions")
+    assert comps.height > 6
+    store.write_table("filtered_compressions", comps.drop("compressed_reasoning"))
+    for table, df in (("compressions", comps), ("gold_chains", store.read("gold_chains"))):
+        df = df.reverse()
+        store.clear_table(table)
+        for i, k in enumerate(range(0, df.height, max(1, df.height // 3))):
+            store.write_shard(table, i, df.slice(k, max(1, df.height // 3)))
+    monkeypatch.setattr(sft, "SFT_SHARD_BYTES", 300)
+    run_whole(SimpleNamespace(recipe=recipe, store=store, on_shard_written=lambda t, i: None), sft.SFTStage())
+    assert not store.scratch_dir("sft").exists()
+    got = store.read("sft")
+    assert {"budget", "standard"} <= set(got["kind"])
+    gold = store.read("gold_chains").select("sample_id", "question", "reasoning", "response")
+    comps = store.read("compressions", ["compression_id", "compressed_reasoning"])
+    joined = (got.with_row_index("_i").join(gold, on="sample_id", how="left")
+              .join(comps, on="compression_id", how="left").sort("_i"))
+    parts = []
+    for kind in ("budget", "standard"):
+        rows = joined.filter(pl.col("kind") == kind)
+        reasoning = rows["compressed_reasoning"] if kind == "budget" else rows["reasoning"]
+        budget = rows["budget"] if kind == "budget" else pl.Series([None] * rows.height, dtype=pl.Int64)
+        parts.append(rows.select("_i", messages_column(recipe.format, rows["question"], budget, reasoning,
+                                                       rows["response"], recipe.student.think_tags).alias("want")))
+    want = pl.concat(parts).sort("_i")["want"]
+    assert _as_set(got.select("messages")) == _as_set(want.to_frame("messages"))
+    assert got["messages"].to_list() == want.to_list()
+
+
 def test_no_gold_chains_still_completes_with_typed_empty_tables(tmp_path, tiny_model_dir, shared_data):
     """A weak teacher can leave no verified chain: every later stage finishes with empty tables of
     the right columns (no engine started for nothing), and the funnel says why."""

@@ -324,3 +324,28 @@ def test_push_refusals(run_dir, inproc_hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PublishError, match="HF_HUB_OFFLINE"):
         push(run_dir, "bard-tester/x", token=TOKEN)
+
+
+def test_export_copies_parts_one_at_a_time(tmp_path):
+    """A config is written part by part (memory of one part, not of the table): its rows, order
+    and schema are those of the table read whole, split by the ``split`` column; a part whose
+    column is all null (typed Null) takes the table's type."""
+    import pyarrow.parquet as pq
+
+    from bard_data.report import publish
+
+    store = ArtifactStore(tmp_path / "run")
+    store.write_shard("t", 0, pl.DataFrame({"id": [1, 2, 3], "text": ["a", "b", "c"], "split": ["train", "test", "train"]}))
+    store.write_shard("t", 1, pl.DataFrame({"id": [4], "text": [None], "split": ["train"]}))
+    store.write_shard("t", 2, pl.DataFrame({"id": [5, 6], "text": ["e", "f"], "split": ["test", "bad name!"]}))
+    store.write_shard("t", 3, pl.DataFrame({"id": [], "text": [], "split": []}, schema={"id": pl.Int64, "text": pl.Utf8,
+                                                                                        "split": pl.Utf8}))
+    files = publish._write_config(store.parts("t"), tmp_path / "out" / "t", "t")
+    assert [(f["split"], f["rows"]) for f in files] == [("train", 3), ("test", 2), ("bad_name", 1)]
+    whole = store.read("t")
+    for f in files:
+        got = pl.read_parquet(tmp_path / "out" / f["path"])
+        want = whole.filter(pl.col("split").map_elements(publish._split_name, return_dtype=pl.Utf8) == f["split"])
+        assert got.equals(want)
+        assert pq.read_schema(tmp_path / "out" / f["path"]).field("text").type == "string"
+    assert publish._write_config(store.parts("nothing"), tmp_path / "out" / "n", "n") == []

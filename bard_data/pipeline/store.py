@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,20 @@ def input_hash(df: pl.DataFrame) -> str:
     return h.hexdigest()[:32]
 
 
+SCRATCH = ".scratch"
+"""Folder of a run directory where a stage keeps files it needs only while it runs."""
+
+
 def remove_temp_files(root: Path) -> int:
-    """Delete temporary files a killed writer left behind under ``root``; returns how many."""
+    """Delete temporary files a killed writer (or a killed stage's scratch folder) left behind
+    under ``root``; returns how many."""
     n = 0
     if not root.exists():
         return 0
+    scratch = root / SCRATCH
+    if scratch.is_dir():
+        n += sum(1 for p in scratch.rglob("*") if p.is_file())
+        shutil.rmtree(scratch, ignore_errors=True)
     for p in root.rglob(TEMP_GLOB):
         if p.is_file():
             p.unlink(missing_ok=True)
@@ -118,6 +128,10 @@ class ArtifactStore:
 
     def funnel_path(self, table: str, shard: int) -> Path:
         return self.table_dir(table) / "_funnel" / f"part-{shard:05d}.json"
+
+    def scratch_dir(self, table: str) -> Path:
+        """Where the stage writing ``table`` keeps its temporary files (removed when it ends)."""
+        return self.root / SCRATCH / table
 
     # -- shards --------------------------------------------------------------------------
     def read_shard_funnel(self, table: str, shard: int) -> dict[str, Any] | None:

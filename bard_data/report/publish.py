@@ -152,34 +152,45 @@ def _standard_type(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def _to_arrow(df: pl.DataFrame) -> pa.Table:
-    table = df.to_arrow()
-    schema = pa.schema([pa.field(f.name, _standard_type(f.type), f.nullable) for f in table.schema])
-    return table.cast(schema)
-
-
 def _split_name(value: Optional[str]) -> str:
     s = (value or "train").strip() or "train"
     return s if _SPLIT_OK.match(s) else (re.sub(r"\W+", "_", s).strip("_") or "train")
 
 
-def _write_config(df: pl.DataFrame, config_dir: Path, config: str) -> list[dict[str, Any]]:
-    if "split" in df.columns and df.schema["split"] == pl.Utf8:
-        names = df["split"].map_elements(_split_name, return_dtype=pl.Utf8, skip_nulls=False)
-        df = df.with_columns(names.alias("__split"))
-        order = {"train": 0, "validation": 1, "test": 2}
-        groups = sorted(set(names.to_list()), key=lambda g: (order.get(g, 3), g))
-    else:
-        df = df.with_columns(pl.lit("train").alias("__split"))
-        groups = ["train"]
-    out = []
+def _write_config(parts: list[Path], config_dir: Path, config: str) -> list[dict[str, Any]]:
+    """One Parquet file per split (the ``split`` column, else ``train``), copied from the table's
+    parts one part at a time, so a table of any size costs the memory of its largest part. Every
+    part is cast to the table's schema (what reading the parts together gives), then to the types
+    `datasets` writes itself. Nothing is written for a table without rows or columns ([])."""
+    parts = [p for p in parts if pq.read_metadata(p).num_rows]
+    template = pl.concat([pl.DataFrame(schema=pl.read_parquet_schema(p)) for p in parts], how="diagonal_relaxed") \
+        if parts else pl.DataFrame()
+    if not template.width:
+        return []
+    arrow_schema = template.to_arrow().schema
+    schema = pa.schema([pa.field(f.name, _standard_type(f.type), f.nullable) for f in arrow_schema])
+    by_split = "split" in template.columns and template.schema["split"] == pl.Utf8
     config_dir.mkdir(parents=True, exist_ok=True)
-    for split in groups:
-        part = df.filter(pl.col("__split") == split).drop("__split")
-        path = config_dir / f"{split}-00000-of-00001.parquet"
-        pq.write_table(_to_arrow(part), path, compression="zstd")
-        out.append({"split": split, "path": f"{config}/{path.name}", "rows": part.height})
-    return out
+    writers: dict[str, pq.ParquetWriter] = {}
+    rows: dict[str, int] = {}
+    try:
+        for p in parts:
+            df = pl.concat([template, pl.read_parquet(p)], how="diagonal_relaxed")
+            names = df["split"].map_elements(_split_name, return_dtype=pl.Utf8, skip_nulls=False) if by_split \
+                else pl.Series(["train"] * df.height, dtype=pl.Utf8)
+            for split in names.unique(maintain_order=True).to_list():
+                chunk = df.filter(names == split)
+                if split not in writers:
+                    writers[split] = pq.ParquetWriter(config_dir / f"{split}-00000-of-00001.parquet", schema,
+                                                      compression="zstd")
+                writers[split].write_table(chunk.to_arrow().cast(schema))
+                rows[split] = rows.get(split, 0) + chunk.height
+    finally:
+        for w in writers.values():
+            w.close()
+    order = {"train": 0, "validation": 1, "test": 2}
+    return [{"split": s, "path": f"{config}/{s}-00000-of-00001.parquet", "rows": rows[s]}
+            for s in sorted(rows, key=lambda g: (order.get(g, 3), g))]
 
 
 # -- export --------------------------------------------------------------------------------------
@@ -222,11 +233,11 @@ def export(run_dir: str | Path, out_dir: str | Path, *, repo_id: Optional[str] =
             if not store.exists(table):
                 skipped[table] = "not in this run"
                 continue
-            df = store.read(table)
-            if df.width == 0 or df.height == 0:
+            files = _write_config(store.parts(table), staging / table, table)
+            if not files:
                 skipped[table] = "empty"
                 continue
-            configs[table] = _write_config(df, staging / table, table)
+            configs[table] = files
         balance = store.read("balance").to_dicts() if store.exists("balance") else []
         public = sanitize({k: v for k, v in manifest.items() if k not in ("invocations", "recipe_file", "timings")})
         if isinstance(public.get("recipe"), dict):

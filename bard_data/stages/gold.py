@@ -233,4 +233,7 @@ def select_gold_parts(store, parts: list[_Part], args) -> Iterator[ShardResult]:
                 ex_buf.append(ex.select(*ex_cols, "_xrank"))
         kept = pl.concat(kept_buf, how="vertical_relaxed").sort("_rank").drop("_rank")
         ex = pl.concat(ex_buf, how="vertical_relaxed").sort("_xrank").drop("_xrank") if ex_buf else None
-        yield ShardResult(kept=kept, excluded=ex, rows_in=rows_in)
+        out = ShardResult(kept=kept, excluded=ex, rows_in=rows_in)
+        kept = ex = kept_buf = ex_buf = df = d = None  # the runner owns a part once yielded: hold no reference
+        yield out
+        del out

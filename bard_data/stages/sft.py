@@ -3,14 +3,15 @@ with standard (no-budget) chains, in TRL's conversational format (``messages``).
 
 from __future__ import annotations
 
+import shutil
 from typing import Iterator
 
-import numpy as np
 import polars as pl
 
 from bard_data.budget.balance import balance, balance_report_empty, balance_table, compute_edges, mix_standard
 from bard_data.budget.statement import messages_column
 from bard_data.config.stages import FormatConfig
+from bard_data.pipeline.gather import gather, locate, slice_bounds
 from bard_data.pipeline.stage import ShardResult, Stage, concat_excluded
 
 SFT_COLUMNS = ["messages", "budget", "budget_bin", "kind", "problem_id", "source", "sample_id", "compression_id",
@@ -18,30 +19,20 @@ SFT_COLUMNS = ["messages", "budget", "budget_bin", "kind", "problem_id", "source
 # Text per part of the sft table (bytes of question, reasoning and response): messages are built
 # and written a slice of the rows at a time, so memory stays bounded at any scale.
 SFT_SHARD_BYTES = 64 << 20
+# Text per batch of messages built within a part: building copies its text a few times over.
+MESSAGE_BYTES = 4 << 20
+
+GOLD_TEXT = ("question", "reasoning", "response")
+# Locators of each row's text (``pipeline.gather``): g, the gold chain (question and response);
+# r, its reasoning (the compression's for budget rows, the gold chain's for standard rows).
+LOCATORS = ["g_file", "g_row", "r_file", "r_row"]
 
 
-def _split_text(df: pl.DataFrame, text: list[str], idx: str) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
-    """``df`` without its text columns plus a row index ``idx`` (what filters, joins and sorts
-    carry), and the text columns (gathered by ``idx`` for the rows that need them)."""
-    text = [c for c in text if c in df.columns]
-    return df.drop(text).with_row_index(idx), {c: df[c] for c in text}
-
-
-def _slice_bounds(plan: pl.DataFrame, gtext: dict, ctext: dict, max_bytes: int) -> list[tuple[int, int]]:
-    """Consecutive row ranges of ``plan`` holding about ``max_bytes`` of text each (the question
-    and response of the gold chain, and the compressed or the gold reasoning)."""
-    def text_len(texts: dict, col: str, idx: str) -> np.ndarray:
-        if col not in texts:
-            return np.zeros(plan.height, dtype=np.int64)
-        n = texts[col].str.len_bytes().fill_null(0).cast(pl.Int64)
-        return n.gather(plan[idx]).fill_null(0).to_numpy()
-
-    budget = (plan["kind"] == "budget").to_numpy()
-    size = (text_len(gtext, "question", "_gi") + text_len(gtext, "response", "_gi")
-            + np.where(budget, text_len(ctext, "compressed_reasoning", "_ci"), text_len(gtext, "reasoning", "_gi")))
-    cut = np.cumsum(size) // max(max_bytes, 1)
-    starts = [0] + (np.flatnonzero(np.diff(cut)) + 1).tolist()
-    return list(zip(starts, starts[1:] + [plan.height]))
+def _text_sources(store) -> dict:
+    gold, comps = store.parts("gold_chains"), store.parts("compressions")
+    return {"g": {p: {"question": "question", "response": "response"} for p in gold},
+            "r": {**{p: {"reasoning": "compressed_reasoning"} for p in comps},
+                  **{p: {"reasoning": "reasoning"} for p in gold}}}
 
 
 class SFTStage(Stage):
@@ -51,20 +42,22 @@ class SFTStage(Stage):
                 "format.system_prompt", "student.think_tags", "seed")
 
     def run(self, ctx) -> Iterator[ShardResult]:
-        """Balancing and the standard mix run on the rows without their text (a row index stands
-        for it); the text is gathered a slice of rows at a time while their messages are built,
-        each slice a part of the table. Excluded rows carry no text: it stays in gold_chains and
-        compressions, joinable on sample_id and compression_id."""
+        """Balancing and the standard mix run on the rows without their text (a locator, part
+        file and row number, stands for it); the text is then gathered in the table's order on
+        disk (``pipeline.gather``) and read back a slice of rows at a time while their messages
+        are built, each slice a part of the table, so memory does not grow with text length.
+        Excluded rows carry no text: it stays in gold_chains and compressions, joinable on
+        sample_id and compression_id."""
         r = ctx.recipe
         fmt: FormatConfig = r.format
         store = ctx.store
-        gold, gtext = _split_text(store.read("gold_chains"), ["question", "reasoning", "response"], "_gi")
+        gold = locate(store.parts("gold_chains"),
+                      [c for c in store.columns("gold_chains") if c not in GOLD_TEXT], "g")
         comps = store.read("filtered_compressions") if store.exists("filtered_compressions") else pl.DataFrame()
         rows_in = comps.height + gold.height
         excluded = []
         budget_plan = pl.DataFrame()
         report = balance_report_empty()
-        ctext: dict[str, pl.Series] = {}
         kept = comps
         if store.exists("compressions"):
             # Bin edges come from every scheduled budget, before filtering: the target covers
@@ -76,24 +69,23 @@ class SFTStage(Stage):
                 kept, dropped, report = balance(comps, bal_cfg, r.seed)
                 excluded.append(dropped)
             if comps.height:
-                texts = store.read("compressions", columns=["compression_id", "compressed_reasoning"])
-                ctext = {"compressed_reasoning": texts["compressed_reasoning"]}
-                cidx = texts.select("compression_id").with_row_index("_ci")
-                # The gold chain's question and response (by row index) and source.
+                cidx = locate(store.parts("compressions"), ["compression_id"], "r")
+                # The compression's text and the gold chain's (by locator) and source.
                 budget_plan = (kept.join(cidx, on="compression_id", how="left", maintain_order="left")
-                               .join(gold.select("sample_id", "_gi", "source"), on="sample_id", how="left",
-                                     maintain_order="left"))
+                               .join(gold.select("sample_id", "g_file", "g_row", "source"), on="sample_id",
+                                     how="left", maintain_order="left"))
                 budget_plan = budget_plan.select(
                     "budget", "budget_bin", pl.lit("budget").alias("kind"), "problem_id", "source", "sample_id",
-                    "compression_id", "group_id", "copy_index", "_ci", "_gi")
+                    "compression_id", "group_id", "copy_index", *LOCATORS)
         n_budget = budget_plan.height
         std, std_dropped = mix_standard(n_budget, gold, r.balance.standard_ratio, r.seed) if n_budget else (gold, None)
-        excluded.append(std_dropped.drop("_gi") if std_dropped is not None else None)
+        excluded.append(std_dropped.drop("g_file", "g_row") if std_dropped is not None else None)
         std_plan = std.select(
             pl.lit(None, pl.Int64).alias("budget"), pl.lit(None, pl.Utf8).alias("budget_bin"),
             pl.lit("standard").alias("kind"), "problem_id", "source", "sample_id",
             pl.lit(None, pl.Utf8).alias("compression_id"), pl.lit(None, pl.Utf8).alias("group_id"),
-            pl.lit(0).alias("copy_index"), pl.lit(None, pl.UInt32).alias("_ci"), "_gi")
+            pl.lit(0).alias("copy_index"), "g_file", "g_row", pl.col("g_file").alias("r_file"),
+            pl.col("g_row").alias("r_row"))
         # Upsampled copies share a compression_id; copy_index tells them apart.
         added = int(budget_plan["copy_index"].gt(0).sum()) if n_budget else 0
         first = ShardResult(kept=pl.DataFrame(), excluded=concat_excluded(*excluded), rows_in=rows_in, added=added,
@@ -106,32 +98,41 @@ class SFTStage(Stage):
             return
         plan = pl.concat(frames, how="vertical_relaxed")
         del frames, budget_plan, std_plan
-        # Part 0 carries the stage's input count, additions, excluded rows and the report; the
-        # others only their output rows (the funnel adds parts up).
-        for i, (a, b) in enumerate(_slice_bounds(plan, gtext, ctext, SFT_SHARD_BYTES)):
-            rows = self._slice(fmt, plan.slice(a, b - a), gtext, ctext, r.student.think_tags)
-            if i == 0:
-                first.kept = rows
-                yield first
-            else:
-                yield ShardResult(kept=rows, rows_in=0)
+        scratch = store.scratch_dir(self.name)
+        try:
+            text = gather(plan.select(LOCATORS), _text_sources(store), SFT_SHARD_BYTES, scratch)
+            plan = plan.drop(LOCATORS)
+            # Part 0 carries the stage's input count, additions, excluded rows and the report; the
+            # others only their output rows (the funnel adds parts up).
+            for i, ((a, b), texts) in enumerate(zip(text.bounds, text.slices())):
+                batches = [self._slice(fmt, plan.slice(a + c, d - c), texts.slice(c, d - c), r.student.think_tags)
+                           for c, d in slice_bounds(text.row_bytes[a:b], MESSAGE_BYTES)]
+                del texts
+                # One chunk, as one pass built it: Polars writes a row group per large chunk, so
+                # the part's file is then byte for byte what the in-memory stage wrote.
+                rows = pl.concat(batches, how="vertical_relaxed", rechunk=True)
+                del batches
+                if i == 0:
+                    first.kept, rows = rows, None
+                    out, first = first, None  # the runner owns a part once yielded: hold no reference
+                else:
+                    out, rows = ShardResult(kept=rows, rows_in=0), None
+                yield out
+                del out
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     @staticmethod
-    def _slice(fmt, plan: pl.DataFrame, gtext: dict, ctext: dict, tags) -> pl.DataFrame:
-        """The sft rows of one slice of the plan, messages built from the gathered text (assistant
+    def _slice(fmt, plan: pl.DataFrame, texts: pl.DataFrame, tags) -> pl.DataFrame:
+        """The sft rows of one slice of the plan, messages built from its gathered text (assistant
         turns in the recipe's think-tag convention, whatever convention the trace came in)."""
         out = []
+        plan = pl.concat([plan, texts], how="horizontal")
         for kind, part in ((k, plan.filter(pl.col("kind") == k)) for k in ("budget", "standard")):
             if not part.height:
                 continue
-            gi = part["_gi"]
-            q, resp = gtext["question"].gather(gi), gtext["response"].gather(gi)
-            if kind == "budget":
-                reasoning = ctext["compressed_reasoning"].gather(part["_ci"])
-                msgs = messages_column(fmt, q, part["budget"], reasoning, resp, tags)
-            else:
-                msgs = messages_column(fmt, q, pl.Series([None] * part.height, dtype=pl.Int64),
-                                        gtext["reasoning"].gather(gi), resp, tags)
+            budget = part["budget"] if kind == "budget" else pl.Series([None] * part.height, dtype=pl.Int64)
+            msgs = messages_column(fmt, part["question"], budget, part["reasoning"], part["response"], tags)
             out.append(part.with_columns(msgs.alias("messages")).select(SFT_COLUMNS))
         if len(out) == 2:  # a slice where the budget rows end: keep the plan's order
             sft = pl.concat(out, how="vertical_relaxed")
