@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from bard_data.pipeline.gather import gather, locate, slice_bounds
+from bard_data.pipeline.gather import gather, slice_bounds
 from bard_data.pipeline.store import ArtifactStore
 
 
@@ -31,7 +31,7 @@ def _tables(tmp_path):
 @pytest.mark.parametrize("max_bytes", [1, 50, 400, 1 << 30])
 def test_gather_equals_an_in_memory_join(tmp_path, max_bytes):
     store, a, b, rng = _tables(tmp_path)
-    la, lb = locate(store.parts("a"), ["a_id"], "a"), locate(store.parts("b"), ["b_id"], "b")
+    la, lb = store.read("a", ["a_id"], locators="a"), store.read("b", ["b_id"], locators="b")
     assert la["a_id"].to_list() == a["a_id"].to_list() and lb["b_id"].to_list() == b["b_id"].to_list()
     # Output rows in an order of their own, with repeats (upsampled copies) and rows that have
     # no b text (null locator).
@@ -62,6 +62,6 @@ def test_slice_bounds_cut_where_the_running_total_passes_a_multiple():
 
 def test_a_locator_outside_the_sources_is_refused(tmp_path):
     store, a, _, _ = _tables(tmp_path)
-    plan = locate(store.parts("a"), ["a_id"], "a").head(3).with_columns(pl.lit("/elsewhere/part.parquet").alias("a_file"))
+    plan = store.read("a", ["a_id"], locators="a").head(3).with_columns(pl.lit("/elsewhere/part.parquet").alias("a_file"))
     with pytest.raises(ValueError, match="not one of its parts"):
         gather(plan, {"a": {p: {"question": "q"} for p in store.parts("a")}}, 100, tmp_path / "scratch")

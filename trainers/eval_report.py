@@ -64,14 +64,6 @@ def write_plots(table, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    def budget_axis(ax, budgets):
-        ax.set_xscale("log")
-        ax.set_xticks(budgets)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("thinking budget (tokens)")
 
     paths = []
     methods = table["method"].unique(maintain_order=True).to_list()
@@ -80,32 +72,35 @@ def write_plots(table, out: Path) -> list[Path]:
     for m in methods:
         t = table.filter(table["method"] == m).sort("budget")
         ax.plot(t["budget"].to_list(), t["accuracy"].to_list(), marker="o", label=m)
-    budget_axis(ax, budgets)
-    ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Accuracy vs budget")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = out / "accuracy_vs_budget.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, ax, budgets, "accuracy", "Accuracy vs budget", out / "accuracy_vs_budget.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(budgets, budgets, linestyle="--", color="gray", label="y = x")
     for m in methods:
         t = table.filter(table["method"] == m).sort("budget")
         ax.plot(t["budget"].to_list(), t["reasoning_tokens_mean"].to_list(), marker="o", label=m)
-    budget_axis(ax, budgets)
     ax.set_yscale("symlog", linthresh=1.0)  # log-like, but a mean of 0 tokens still plots
-    ax.set_ylabel("mean reasoning tokens")
-    ax.set_title("Reasoning length vs budget")
+    paths.append(_save(fig, ax, budgets, "mean reasoning tokens", "Reasoning length vs budget",
+                       out / "length_vs_budget.png"))
+    return paths
+
+
+def _save(fig, ax, budgets, ylabel: str, title: str, path: Path) -> Path:
+    """The budget axis (log scale, one tick per budget), labels, legend and grid; saved, closed."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(budgets)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("thinking budget (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    p = out / "length_vs_budget.png"
-    fig.savefig(p, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    paths.append(p)
-    return paths
+    return path

@@ -54,22 +54,14 @@ class Recipe(Strict):
     base_dir: str = Field("", exclude=True)
     source_file: str = Field("", exclude=True)
 
-    @field_validator("sources")
+    @field_validator("sources", "traces")
     @classmethod
-    def _unique_names(cls, v: list[ProblemSource]) -> list[ProblemSource]:
+    def _unique_names(cls, v: list, info):
         names = [s.name for s in v]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise ValueError(f"source names must be unique; repeated: {sorted(dup)}")
-        return v
-
-    @field_validator("traces")
-    @classmethod
-    def _unique_trace_names(cls, v: list[TraceSource]) -> list[TraceSource]:
-        names = [t.name for t in v]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"trace source names must be unique; repeated: {sorted(dup)}")
+            what = "source" if info.field_name == "sources" else "trace source"
+            raise ValueError(f"{what} names must be unique; repeated: {sorted(dup)}")
         return v
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ import io
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping
 
 import numpy as np
 import polars as pl
@@ -33,26 +33,6 @@ import pyarrow.parquet as pq
 # Where an output column comes from: per alias, the part files it may point into and, per file,
 # the file's column that feeds each output column (``{file: {output column: file column}}``).
 Sources = Mapping[str, Mapping[Path, Mapping[str, str]]]
-
-
-def locate(parts: Sequence[Path], columns: Sequence[str], prefix: str) -> pl.DataFrame:
-    """``columns`` of every row of ``parts`` (null where a part lacks one) plus its locator:
-    ``{prefix}_file`` (the part's path) and ``{prefix}_row`` (its row number in that part).
-    Parts without rows are skipped; no text is read."""
-    frames = []
-    for p in parts:
-        if pq.read_metadata(p).num_rows == 0:
-            continue
-        names = pq.read_schema(p).names
-        df = pl.read_parquet(p, columns=[c for c in columns if c in names])
-        frames.append(df.with_columns(pl.lit(str(p)).alias(f"{prefix}_file"),
-                                      pl.int_range(pl.len(), dtype=pl.Int64).alias(f"{prefix}_row")))
-    if not frames:
-        return pl.DataFrame(schema={**{c: pl.Null for c in columns}, f"{prefix}_file": pl.Utf8,
-                                    f"{prefix}_row": pl.Int64})
-    df = pl.concat(frames, how="diagonal_relaxed")
-    return df.with_columns(*(pl.lit(None).alias(c) for c in columns if c not in df.columns)) \
-        .select(*columns, f"{prefix}_file", f"{prefix}_row")
 
 
 def slice_bounds(row_bytes: np.ndarray, max_bytes: int) -> list[tuple[int, int]]:
@@ -104,7 +84,8 @@ def gather(plan: pl.DataFrame, sources: Sources, max_bytes: int, scratch: Path) 
     """The text of ``plan``'s rows, in its order, cut into slices of about ``max_bytes``.
 
     ``plan`` has, per alias of ``sources``, the columns ``{alias}_file`` and ``{alias}_row``
-    (null: no row of that source, its columns are null). Each output column comes from one alias.
+    (``ArtifactStore.read(..., locators=alias)``; null: no row of that source, its columns are
+    null). Each output column comes from one alias.
     The scratch folder is replaced, and removed by the caller when the slices are consumed.
     """
     aliases: dict[str, list[str]] = {}
@@ -161,8 +142,9 @@ def _needs(plan: pl.DataFrame, sources: Sources) -> dict[Path, list[tuple[str, n
 
 def _read(path: Path, mapping: Mapping[str, str]) -> pl.DataFrame:
     """The output columns ``mapping`` takes from one part (a column the part lacks: null)."""
-    names = set(pq.read_schema(path).names)
+    md = pq.read_metadata(path)
+    names = set(md.schema.names)
     df = pl.read_parquet(path, columns=list(dict.fromkeys(c for c in mapping.values() if c in names)))
-    n = pq.read_metadata(path).num_rows
     return pl.DataFrame([df[src].cast(pl.Utf8).alias(out) if src in names
-                         else pl.repeat(None, n, dtype=pl.Utf8, eager=True).alias(out) for out, src in mapping.items()])
+                         else pl.repeat(None, md.num_rows, dtype=pl.Utf8, eager=True).alias(out)
+                         for out, src in mapping.items()])

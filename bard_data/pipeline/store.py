@@ -322,25 +322,34 @@ class ArtifactStore:
             out.update(dict.fromkeys(pq.read_schema(p).names))
         return list(out)
 
-    def read(self, table: str, columns: list[str] | None = None) -> pl.DataFrame:
+    def read(self, table: str, columns: list[str] | None = None, locators: str | None = None) -> pl.DataFrame:
         """The whole table (parts concatenated diagonally); ``columns``: only these (the ones
-        a part lacks are null), without reading the others (e.g. the text)."""
+        a part lacks are null), without reading the others (e.g. the text). ``locators``: a
+        prefix P; each row then also says where it lies, ``P_file`` (its part's path) and
+        ``P_row`` (its row number there), for ``pipeline.gather`` to fetch its text later."""
         parts = self.parts(table)
         if not parts:
             raise FileNotFoundError(f"{self.table_dir(table)}: no table '{table}' in this run")
         if columns is None:
+            if locators:
+                raise ValueError("read: locators need the columns to read")
             frames = [pl.read_parquet(p) for p in parts]
             frames = [f for f in frames if f.width] or frames[:1]
             return pl.concat(frames, how="diagonal_relaxed")
+        extra = [f"{locators}_file", f"{locators}_row"] if locators else []
         frames = []
         for p in parts:
             names = pq.read_schema(p).names
             if names:
-                frames.append(pl.read_parquet(p, columns=[c for c in columns if c in names]))
+                df = pl.read_parquet(p, columns=[c for c in columns if c in names])
+                if locators:
+                    df = df.with_columns(pl.lit(str(p)).alias(extra[0]),
+                                         pl.int_range(pl.len(), dtype=pl.Int64).alias(extra[1]))
+                frames.append(df)
         if not frames:
-            return pl.DataFrame(schema={c: pl.Null for c in columns})
+            return pl.DataFrame(schema={**{c: pl.Null for c in columns}, **dict(zip(extra, (pl.Utf8, pl.Int64)))})
         df = pl.concat(frames, how="diagonal_relaxed")
-        return df.with_columns(*(pl.lit(None).alias(c) for c in columns if c not in df.columns)).select(columns)
+        return df.with_columns(*(pl.lit(None).alias(c) for c in columns if c not in df.columns)).select(*columns, *extra)
 
     def read_excluded(self, table: str) -> pl.DataFrame | None:
         parts = sorted((self.root / "excluded" / table).glob("part-*.parquet"))

@@ -11,7 +11,7 @@ import polars as pl
 from bard_data.budget.balance import balance, balance_report_empty, balance_table, compute_edges, mix_standard
 from bard_data.budget.statement import messages_column
 from bard_data.config.stages import FormatConfig
-from bard_data.pipeline.gather import gather, locate, slice_bounds
+from bard_data.pipeline.gather import gather, slice_bounds
 from bard_data.pipeline.stage import ShardResult, Stage, concat_excluded
 
 SFT_COLUMNS = ["messages", "budget", "budget_bin", "kind", "problem_id", "source", "sample_id", "compression_id",
@@ -51,8 +51,7 @@ class SFTStage(Stage):
         r = ctx.recipe
         fmt: FormatConfig = r.format
         store = ctx.store
-        gold = locate(store.parts("gold_chains"),
-                      [c for c in store.columns("gold_chains") if c not in GOLD_TEXT], "g")
+        gold = store.read("gold_chains", [c for c in store.columns("gold_chains") if c not in GOLD_TEXT], locators="g")
         comps = store.read("filtered_compressions") if store.exists("filtered_compressions") else pl.DataFrame()
         rows_in = comps.height + gold.height
         excluded = []
@@ -69,7 +68,7 @@ class SFTStage(Stage):
                 kept, dropped, report = balance(comps, bal_cfg, r.seed)
                 excluded.append(dropped)
             if comps.height:
-                cidx = locate(store.parts("compressions"), ["compression_id"], "r")
+                cidx = store.read("compressions", ["compression_id"], locators="r")
                 # The compression's text and the gold chain's (by locator) and source.
                 budget_plan = (kept.join(cidx, on="compression_id", how="left", maintain_order="left")
                                .join(gold.select("sample_id", "g_file", "g_row", "source"), on="sample_id",
