@@ -203,3 +203,17 @@ def test_corrected_target():
     assert corrected_target(100, 100, 100) == 100
     with pytest.raises(ValueError):
         corrected_target(0, 10, 10)
+
+
+def test_problem_budgets_do_not_depend_on_how_many_problems_are_scheduled_at_once(monkeypatch):
+    from bard_data.budget import schedule
+
+    rng = np.random.default_rng(3)
+    lengths = pl.DataFrame({"problem_id": [f"p{i:05d}" for i in range(3000)],
+                            "reasoning_tokens": rng.integers(10, 20000, size=3000)})
+    cfg = BudgetScheduleConfig()
+    whole = schedule.problem_budgets(lengths, cfg, seed=5)
+    monkeypatch.setattr(schedule, "_PICK_ROWS", 257)
+    sliced = schedule.problem_budgets(lengths, cfg, seed=5)
+    assert sliced.equals(whole) and whole.height == 3000
+    assert whole["budget"].n_unique() > 100

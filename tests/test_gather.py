@@ -1,5 +1,6 @@
 """pipeline.gather: text moved into another row order through a scratch file gives what an
-in-memory join gives, row for row, whatever the slice size; the slices follow the byte rule."""
+in-memory join gives, row for row, whatever the slice and run sizes; the slices follow the byte
+rule."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def _tables(tmp_path):
     return store, a, b, rng
 
 
+@pytest.mark.parametrize("run_bytes", [1, 300, 1 << 30])
 @pytest.mark.parametrize("max_bytes", [1, 50, 400, 1 << 30])
-def test_gather_equals_an_in_memory_join(tmp_path, max_bytes):
+def test_gather_equals_an_in_memory_join(tmp_path, max_bytes, run_bytes):
     store, a, b, rng = _tables(tmp_path)
     la, lb = store.read("a", ["a_id"], locators="a"), store.read("b", ["b_id"], locators="b")
     assert la["a_id"].to_list() == a["a_id"].to_list() and lb["b_id"].to_list() == b["b_id"].to_list()
@@ -41,7 +43,9 @@ def test_gather_equals_an_in_memory_join(tmp_path, max_bytes):
             .join(lb, on="b_id", how="left", maintain_order="left"))
     sources = {"a": {p: {"question": "q", "reasoning": "long"} for p in store.parts("a")},
                "b": {p: {"extra": "text"} for p in store.parts("b")}}
-    got = gather(plan, sources, max_bytes, tmp_path / "scratch")
+    got = gather(plan, sources, max_bytes, tmp_path / "scratch", run_bytes=run_bytes)
+    # A run per part read (or one per alias): every slice merges ranges of several runs.
+    assert len(got.runs["a"]) == (1 if run_bytes > 1000 else 3)
     want = (keys.join(a, on="a_id", how="left", maintain_order="left")
             .join(b, on="b_id", how="left", maintain_order="left")
             .select(pl.col("q").alias("question"), pl.col("long").alias("reasoning"), pl.col("text").alias("extra")))
@@ -65,3 +69,22 @@ def test_a_locator_outside_the_sources_is_refused(tmp_path):
     plan = store.read("a", ["a_id"], locators="a").head(3).with_columns(pl.lit("/elsewhere/part.parquet").alias("a_file"))
     with pytest.raises(ValueError, match="not one of its parts"):
         gather(plan, {"a": {p: {"question": "q"} for p in store.parts("a")}}, 100, tmp_path / "scratch")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_scratch_file_gives_back_what_was_written(tmp_path, monkeypatch, direct):
+    from bard_data.pipeline import scratch
+
+    if not direct:  # the page-cache path, as on a file system that refuses O_DIRECT
+        monkeypatch.setattr(scratch, "DIRECT", 0)
+    monkeypatch.setattr(scratch, "STAGE_BYTES", 8192)  # records longer than the staging buffer
+    f = scratch.ScratchFile(tmp_path / "s.bin")
+    rng = np.random.default_rng(1)
+    records = [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in (0, 1, 4095, 4096, 4097, 20000, 3)]
+    starts = [f.write(r) for r in records]
+    assert all(s % scratch.ALIGN == 0 for s in starts)
+    for s, r in zip(starts, records):
+        assert f.read(s, len(r)).to_pybytes() == r
+        if len(r) > 10:
+            assert f.read(s + 7, len(r) - 9).to_pybytes() == r[7:-2]
+    f.close()

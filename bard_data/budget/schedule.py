@@ -139,32 +139,44 @@ def schedule_budgets(chains: pl.DataFrame, cfg: BudgetScheduleConfig, seed: int)
 
 def _log_uniform(df: pl.DataFrame, cfg: BudgetScheduleConfig, seed: int) -> pl.DataFrame:
     """Draw ``per_chain`` budgets log-uniform in [floor, length) per chain; up to ``max_resamples``
-    draws, the first fully spaced draw wins, else the draw keeping the most budgets (ties: earliest)."""
+    draws, the first fully spaced draw wins, else the draw keeping the most budgets (ties: earliest).
+
+    Draw d is made only for the chains that no earlier draw spaced fully (a later draw could not
+    win over a full one), so most chains cost one draw instead of ``max_resamples``; every draw is
+    keyed by (chain, draw, slot), so the result is the one all draws at once would give."""
     m, r = cfg.per_chain, cfg.max_resamples
     keys = stable_hash64(df["sample_id"])
-    n = df.height
-    chain_idx = np.repeat(np.arange(n), r * m)
-    draw = np.tile(np.repeat(np.arange(r), m), n)
-    slot = np.tile(np.arange(m), n * r)
-    u = uniform01(keys[chain_idx], seed, draw * m + slot)
-    length = df["reasoning_tokens"].to_numpy().astype(np.float64)[chain_idx]
+    length_all = df["reasoning_tokens"].to_numpy().astype(np.float64)
     lo = math.log(cfg.floor)
-    vals = np.exp(lo + u * (np.log(length) - lo))
-    long = pl.DataFrame(
-        {
-            "_chain": chain_idx.astype(np.int64),
-            "_draw": draw.astype(np.int64),
-            "budget_f": vals,
-            "reasoning_tokens": length.astype(np.int64),
-        }
-    ).with_columns(_round_expr(pl.col("budget_f"), cfg.round_to).alias("budget"))
-    long = (
-        long.filter((pl.col("budget") >= cfg.floor) & (pl.col("budget") < pl.col("reasoning_tokens")))
-        .unique(["_chain", "_draw", "budget"])
-        .with_columns((pl.col("_chain") * r + pl.col("_draw")).alias("_key"))
-    )
-    spaced = _greedy_spacing(long.select("_chain", "_draw", "_key", "budget"), cfg.min_spacing)
-    per_draw = spaced.group_by("_chain", "_draw").agg(pl.col("_kept").sum().alias("n_kept"))
+    active = np.arange(df.height)
+    spaced_draws, per_draws = [], []
+    for d in range(r):
+        if not len(active):
+            break
+        chain_idx = np.repeat(active, m)
+        slot = np.tile(np.arange(m), len(active))
+        u = uniform01(keys[chain_idx], seed, d * m + slot)
+        length = length_all[chain_idx]
+        vals = np.exp(lo + u * (np.log(length) - lo))
+        long = pl.DataFrame(
+            {"_chain": chain_idx.astype(np.int64), "_draw": np.full(len(chain_idx), d, dtype=np.int64),
+             "budget_f": vals, "reasoning_tokens": length.astype(np.int64)}
+        ).with_columns(_round_expr(pl.col("budget_f"), cfg.round_to).alias("budget"))
+        long = (
+            long.filter((pl.col("budget") >= cfg.floor) & (pl.col("budget") < pl.col("reasoning_tokens")))
+            .unique(["_chain", "_draw", "budget"])
+            .with_columns((pl.col("_chain") * r + pl.col("_draw")).alias("_key"))
+        )
+        spaced = _greedy_spacing(long.select("_chain", "_draw", "_key", "budget"), cfg.min_spacing)
+        per_draw = spaced.group_by("_chain", "_draw").agg(pl.col("_kept").sum().alias("n_kept"))
+        spaced_draws.append(spaced)
+        per_draws.append(per_draw)
+        full = per_draw.filter(pl.col("n_kept") >= m)["_chain"].to_numpy()
+        active = np.setdiff1d(active, full, assume_unique=True)
+    if not spaced_draws:
+        return pl.DataFrame(schema={"sample_id": pl.Utf8, "budget": pl.Int64})
+    spaced = pl.concat(spaced_draws)
+    per_draw = pl.concat(per_draws)
     # Any draw with m kept budgets is fully spaced; otherwise take the draw keeping the most.
     best = per_draw.sort(["_chain", "n_kept", "_draw"], descending=[False, True, False]).unique(
         "_chain", keep="first"
@@ -176,6 +188,8 @@ def _log_uniform(df: pl.DataFrame, cfg: BudgetScheduleConfig, seed: int) -> pl.D
 
 # The keyed draw that picks one of a problem's scheduled budgets (a counter no other draw uses).
 _PICK_COUNTER = 1 << 20
+# Problems scheduled at once by problem_budgets (its result does not depend on the slicing).
+_PICK_ROWS = 1 << 16
 
 
 def problem_budgets(lengths: pl.DataFrame, cfg: BudgetScheduleConfig, seed: int) -> pl.DataFrame:
@@ -188,6 +202,9 @@ def problem_budgets(lengths: pl.DataFrame, cfg: BudgetScheduleConfig, seed: int)
     The result does not depend on row order, shard size or the other problems.
     """
     df = lengths.select(pl.col("problem_id").cast(pl.Utf8), pl.col("reasoning_tokens").cast(pl.Int64))
+    if df.height > _PICK_ROWS:  # the draws take tens of rows per problem: a slice of problems at a time
+        return pl.concat([problem_budgets(df.slice(i, _PICK_ROWS), cfg, seed)
+                          for i in range(0, df.height, _PICK_ROWS)])
     sched = schedule_budgets(df.rename({"problem_id": "sample_id"}), cfg, seed)
     grouped = sched.group_by("sample_id").agg(pl.col("budget").sort()).rename({"sample_id": "problem_id"})
     out = df.join(grouped, on="problem_id", how="left", maintain_order="left")

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 
 import polars as pl
 
+from bard_data.pipeline.readahead import read_ahead
 from bard_data.pipeline.stage import ShardResult, Stage, concat_excluded, excluded_rows
 
 GOLD_COLUMNS = [
@@ -206,16 +207,19 @@ def select_gold_parts(store, parts: list[_Part], args) -> Iterator[ShardResult]:
     empty = template.with_columns(pl.lit(None, pl.Utf8).alias("question"), pl.lit(None, pl.UInt32).alias("n_samples"),
                                   pl.lit(None, pl.Int64).alias("n_correct"), pl.lit(None, pl.Float64).alias("pass_rate"),
                                   pl.lit(None, pl.Int64).alias("_rank")).select(*GOLD_COLUMNS, "_rank")
+    def read(i: int) -> pl.DataFrame:  # only what the gold chains and the excluded rows keep (not prompt/completion)
+        names = set(pl.read_parquet_schema(parts[i].path))
+        return pl.read_parquet(parts[i].path, columns=[c for c in template.columns if c in names and (
+            c in GOLD_COLUMNS or c not in EXCLUDED_TEXT)])
+
+    frames = read_ahead(read, range(len(parts)))  # groups are consecutive parts: read in order
     for group in groups:
         kept_buf: list[pl.DataFrame] = [empty]
         ex_buf: list[pl.DataFrame] = []
         rows_in = 0
         for i in group:
             p, d = parts[i], by_part.pop((i,), None)
-            # Only what the gold chains and the excluded rows keep (not prompt/completion).
-            names = set(pl.read_parquet_schema(p.path))
-            df = pl.read_parquet(p.path, columns=[c for c in template.columns if c in names and (
-                c in GOLD_COLUMNS or c not in EXCLUDED_TEXT)])
+            df = next(frames)
             if df.height == 0:
                 continue
             if d is None or d.height != df.height:  # every row has exactly one decision
