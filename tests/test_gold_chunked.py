@@ -28,7 +28,7 @@ def _samples(n_problems: int, per: int, origin: str, offset: int) -> pl.DataFram
     return pl.DataFrame(rows)
 
 
-def _run(tmp_path, name, chunk_bytes, monkeypatch, policy):
+def _run(tmp_path, name, chunk_bytes, monkeypatch, policy, read_bytes=1 << 30):
     store = ArtifactStore(tmp_path / name)
     problems = pl.DataFrame({"problem_id": [f"p-{p:04d}" for p in range(60)], "question": [f"q{p}" for p in range(60)]})
     store.write_table("problems", problems)
@@ -39,6 +39,7 @@ def _run(tmp_path, name, chunk_bytes, monkeypatch, policy):
     store.write_shard("imported_samples", 0, _samples(60, 1, "imported", 1))
     store.write_shard("imported_samples", 1, _samples(1, 1, "imported", 1).clear())  # a part with no rows
     monkeypatch.setattr(gold, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(gold, "READ_BYTES", read_bytes)
     teacher_cfg = SimpleNamespace(gold_policy=policy, min_reasoning_tokens=8, max_reasoning_tokens=25)
     ctx = SimpleNamespace(recipe=SimpleNamespace(teacher=teacher_cfg), store=store, on_shard_written=lambda t, i: None)
     run_whole(ctx, gold.GoldStage())
@@ -68,3 +69,22 @@ def test_chunked_selection_equals_one_pass(tmp_path, monkeypatch):
         fa = one.shard_funnels("gold_chains")
         fb = many.shard_funnels("gold_chains")
         assert sum(f["rows_in"] for f in fa) == sum(f["rows_in"] for f in fb) == 240
+
+
+def test_parts_read_a_slice_of_rows_at_a_time_give_the_same_table(tmp_path, monkeypatch):
+    """Large sample parts are decoded a slice of rows at a time (READ_BYTES): the same gold
+    chains and excluded rows, part for part, as whole parts read at once."""
+    scans = []
+    scan = pl.scan_parquet
+    monkeypatch.setattr(gold.pl, "scan_parquet", lambda *a, **k: scans.append(a) or scan(*a, **k))
+    for policy in ("shortest", "all"):
+        whole = _run(tmp_path, f"whole-{policy}", 2_000, monkeypatch, policy)
+        assert not scans
+        sliced = _run(tmp_path, f"sliced-{policy}", 2_000, monkeypatch, policy, read_bytes=300)
+        assert len(scans) > 20  # really sliced
+        scans.clear()
+        pa_, pb = whole.parts("gold_chains"), sliced.parts("gold_chains")
+        assert len(pa_) == len(pb) > 3
+        for x, y in zip(pa_, pb):
+            assert pl.read_parquet(x).equals(pl.read_parquet(y))
+        assert whole.read_excluded("gold_chains").equals(sliced.read_excluded("gold_chains"))

@@ -23,24 +23,34 @@ from bard_data.pipeline.store import ArtifactStore, input_hash
 log = logging.getLogger(__name__)
 
 
+# Parts of a whole-table stage written at once, and the memory their frames may hold together:
+# encoding is the slow half of writing a part and one core's work, so a second small part
+# compresses beside the first; a large part is written alone.
+WRITES_IN_FLIGHT = 2
+WRITE_AHEAD_BYTES = 64 << 20
+
+
 class BackgroundWriter:
-    """Runs writes on one background thread, one at a time, so that the next part is prepared
-    while the previous one is compressed (Polars releases the GIL while it encodes Parquet).
-    ``submit`` waits for the write before it; leaving the ``with`` block waits for the last one,
-    and a write's exception is raised there (or at the next ``submit``)."""
+    """Runs writes on background threads so that the next part is prepared while the previous
+    ones are compressed (Polars releases the GIL while it encodes Parquet): at most
+    ``in_flight`` writes at once, and a second one only while the frames pending stay within
+    ``max_bytes``. ``submit`` waits until its write may start; leaving the ``with`` block waits
+    for them all, and a write's exception is raised there (or at a later ``submit``)."""
 
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bard-writer")
-        self._pending = None
+    def __init__(self, in_flight: int = 1, max_bytes: int = 0):
+        self._pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bard-writer")
+        self._in_flight, self._max_bytes = in_flight, max_bytes
+        self._pending: list = []  # (future, bytes)
 
-    def submit(self, fn: Callable, *args) -> None:
-        self.wait()
-        self._pending = self._pool.submit(fn, *args)
+    def submit(self, fn: Callable, *args, nbytes: int = 0) -> None:
+        while self._pending and (len(self._pending) >= self._in_flight
+                                 or sum(b for _, b in self._pending) + nbytes > self._max_bytes):
+            self._pending.pop(0)[0].result()
+        self._pending.append((self._pool.submit(fn, *args), nbytes))
 
     def wait(self) -> None:
-        f, self._pending = self._pending, None
-        if f is not None:
-            f.result()
+        while self._pending:
+            self._pending.pop(0)[0].result()
 
     def __enter__(self) -> "BackgroundWriter":
         return self
@@ -70,13 +80,16 @@ def run_whole(ctx: RunContext, stage: Stage, fingerprint: Optional[dict] = None)
         raise RuntimeError(f"stage '{name}' yielded no part")
     store.clear_table(name)
     n = rows = 0
-    with BackgroundWriter() as writer:
+    # A whole-table stage's parts are independent files, and the table counts only once
+    # finish_table marks it done, so the order in which their writes complete does not matter.
+    with BackgroundWriter(WRITES_IN_FLIGHT, WRITE_AHEAD_BYTES) as writer:
         for i, res in enumerate(itertools.chain([first], parts)):
             if res.rows_in is None:
                 raise RuntimeError(f"stage '{name}': a part of a whole-table stage must state rows_in")
             _write_reports(store, res.reports)
             rec = shard_record(name, i, res, res.rows_in)
-            writer.submit(store.write_shard, name, i, res.kept, res.excluded, rec)
+            size = res.kept.estimated_size() + (res.excluded.estimated_size() if res.excluded is not None else 0)
+            writer.submit(store.write_shard, name, i, res.kept, res.excluded, rec, nbytes=size)
             ctx.on_shard_written(name, i)
             n, rows = n + 1, rows + res.kept.height
     store.finish_table(name, {"shards": n, "rows": rows}, fingerprint)

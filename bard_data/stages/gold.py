@@ -30,8 +30,11 @@ EXCLUDED_TEXT = ("prompt", "completion", "reasoning", "response")
 # Samples are selected on their key columns, then streamed a part at a time; the output gets one
 # shard per this many bytes of samples (uncompressed, as Parquet reports it), so the rows held in
 # memory stay bounded at any scale (all_samples of a 1.3M-compression build at real text lengths
-# is ~100 GB).
-CHUNK_BYTES = 256 << 20
+# is ~100 GB). A part is built while the one before is written: both count in memory.
+CHUNK_BYTES = 128 << 20
+# Text decoded at once: a part whose columns hold more is read a slice of its rows at a time
+# (at real lengths a 2048-row part of samples is ~64 MB of reasoning).
+READ_BYTES = 32 << 20
 
 
 def all_samples(store, columns: Optional[list[str]] = None) -> pl.DataFrame:
@@ -121,6 +124,7 @@ class _Part:
     path: Path
     rows: int
     bytes: int
+    column_bytes: dict  # uncompressed bytes per column
 
 
 def _parts_info(store) -> list[_Part]:
@@ -134,8 +138,24 @@ def _parts_info(store) -> list[_Part]:
             if md.num_columns == 0:
                 continue
             nbytes = sum(md.row_group(g).total_byte_size for g in range(md.num_row_groups))
-            out.append(_Part(t, p, md.num_rows, nbytes))
+            cols: dict = {}
+            for g in range(md.num_row_groups):
+                for c in range(md.num_columns):
+                    col = md.row_group(g).column(c)
+                    name = col.path_in_schema.split(".")[0]
+                    cols[name] = cols.get(name, 0) + col.total_uncompressed_size
+            out.append(_Part(t, p, md.num_rows, nbytes, cols))
     return out
+
+
+def _attach(df: pl.DataFrame, d: pl.DataFrame, template: pl.DataFrame, questions: pl.Series,
+            extra: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Rows of one part (or a slice of one) with their decisions attached: (kept, excluded)."""
+    df = pl.concat([template, df], how="diagonal_relaxed")
+    df = df.with_columns(questions.gather(d["_q"]).alias("question"), *(d[c] for c in extra),
+                         d["reason"], d["detail"], d["_rank"], d["_xrank"])
+    is_kept = pl.col("_rank").is_not_null()
+    return df.filter(is_kept), df.filter(~is_kept)
 
 
 class GoldStage(Stage):
@@ -154,7 +174,8 @@ def select_gold_parts(store, parts: list[_Part], args) -> Iterator[ShardResult]:
     """``select_gold`` over all samples, with bounded memory and one read of each part.
 
     The choice is made on the key columns of every sample (``_decide``). Then each part is read
-    once, whole, and its rows split into gold chains and excluded rows. The parts are cut into
+    once (a slice of rows at a time when its text passes ``READ_BYTES``; the next one is read
+    while this one is split), and its rows split into gold chains and excluded rows. The parts are cut into
     ``ceil(sample bytes / CHUNK_BYTES)`` groups of consecutive parts (about equal bytes); each
     group gives one output part: its gold chains in the order of one ``select_gold`` and its
     excluded rows. With one group the table and the excluded rows are exactly one
@@ -207,37 +228,51 @@ def select_gold_parts(store, parts: list[_Part], args) -> Iterator[ShardResult]:
     empty = template.with_columns(pl.lit(None, pl.Utf8).alias("question"), pl.lit(None, pl.UInt32).alias("n_samples"),
                                   pl.lit(None, pl.Int64).alias("n_correct"), pl.lit(None, pl.Float64).alias("pass_rate"),
                                   pl.lit(None, pl.Int64).alias("_rank")).select(*GOLD_COLUMNS, "_rank")
-    def read(i: int) -> pl.DataFrame:  # only what the gold chains and the excluded rows keep (not prompt/completion)
-        names = set(pl.read_parquet_schema(parts[i].path))
-        return pl.read_parquet(parts[i].path, columns=[c for c in template.columns if c in names and (
-            c in GOLD_COLUMNS or c not in EXCLUDED_TEXT)])
+    def columns(i: int) -> list[str]:  # what the gold chains and the excluded rows keep (not prompt/completion)
+        names = parts[i].column_bytes
+        return [c for c in template.columns if c in names and (c in GOLD_COLUMNS or c not in EXCLUDED_TEXT)]
 
-    frames = read_ahead(read, range(len(parts)))  # groups are consecutive parts: read in order
+    def slices(i: int) -> list[tuple[int, int, int]]:  # (part, first row, rows): ~READ_BYTES each
+        cols = columns(i)
+        n = max(1, math.ceil(sum(parts[i].column_bytes.get(c, 0) for c in cols) / READ_BYTES))
+        step = max(1, math.ceil(parts[i].rows / n))
+        return [(i, o, min(step, parts[i].rows - o)) for o in range(0, parts[i].rows, step)] or [(i, 0, 0)]
+
+    def read(item: tuple[int, int, int]) -> pl.DataFrame:
+        i, first, n = item
+        if n == parts[i].rows:
+            return pl.read_parquet(parts[i].path, columns=columns(i))
+        return pl.scan_parquet(parts[i].path).select(columns(i)).slice(first, n).collect()
+
+    # Groups are consecutive parts, each read in order, a slice of rows at a time.
+    part_slices = [slices(i) for i in range(len(parts))]
+    items = [s for sl in part_slices for s in sl]
+    frames = read_ahead(read, items)
     for group in groups:
         kept_buf: list[pl.DataFrame] = [empty]
         ex_buf: list[pl.DataFrame] = []
         rows_in = 0
         for i in group:
             p, d = parts[i], by_part.pop((i,), None)
-            df = next(frames)
-            if df.height == 0:
+            if p.rows == 0:
+                next(frames)
                 continue
-            if d is None or d.height != df.height:  # every row has exactly one decision
+            if d is None or d.height != p.rows:  # every row has exactly one decision
                 raise RuntimeError(f"gold selection: decisions do not cover {p.path}")
-            df = pl.concat([template, df], how="diagonal_relaxed")
-            df = df.with_columns(questions.gather(d["_q"]).alias("question"), *(d[c] for c in extra),
-                                 d["reason"], d["detail"], d["_rank"], d["_xrank"])
-            rows_in += df.height
-            is_kept = pl.col("_rank").is_not_null()
-            kept = df.filter(is_kept).select(*GOLD_COLUMNS, "_rank")
-            if kept.height:
-                kept_buf.append(_compact(kept))
-            ex = df.filter(~is_kept)
-            if ex.height:
-                ex_buf.append(ex.select(*ex_cols, "_xrank"))
+            for _, first, n in part_slices[i]:
+                df = next(frames)
+                if df.height != n:
+                    raise RuntimeError(f"gold selection: {p.path} changed while it was read")
+                kept, ex = _attach(df, d.slice(first, n), template, questions, extra)
+                rows_in += n
+                if kept.height:
+                    kept_buf.append(_compact(kept.select(*GOLD_COLUMNS, "_rank")))
+                if ex.height:
+                    ex_buf.append(ex.select(*ex_cols, "_xrank"))
+                del df, kept, ex
         kept = pl.concat(kept_buf, how="vertical_relaxed").sort("_rank").drop("_rank")
         ex = pl.concat(ex_buf, how="vertical_relaxed").sort("_xrank").drop("_xrank") if ex_buf else None
         out = ShardResult(kept=kept, excluded=ex, rows_in=rows_in)
-        kept = ex = kept_buf = ex_buf = df = d = None  # the runner owns a part once yielded: hold no reference
+        kept = ex = kept_buf = ex_buf = d = None  # the runner owns a part once yielded: hold no reference
         yield out
         del out

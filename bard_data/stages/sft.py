@@ -17,8 +17,10 @@ from bard_data.pipeline.stage import ShardResult, Stage, concat_excluded
 SFT_COLUMNS = ["messages", "budget", "budget_bin", "kind", "problem_id", "source", "sample_id", "compression_id",
                "group_id", "copy_index"]
 # Text per part of the sft table (bytes of question, reasoning and response): messages are built
-# and written a slice of the rows at a time, so memory stays bounded at any scale.
-SFT_SHARD_BYTES = 64 << 20
+# and written a slice of the rows at a time, so memory stays bounded at any scale. A part is built
+# while the ones before it are written (two at most, pipeline.build), so several parts' worth of
+# text is in memory at the peak (text, messages, the frames being written, their encoders').
+SFT_SHARD_BYTES = 16 << 20
 # Text per batch of messages built within a part: building copies its text a few times over.
 MESSAGE_BYTES = 4 << 20
 
