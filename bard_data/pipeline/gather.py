@@ -14,8 +14,9 @@ goes through a scratch file instead, an external merge sort:
 2. each slice reads, from every run, the contiguous range of output positions it covers (one read
    per run and column) and merges them (Polars string views into what was read: no further copy).
 
-Memory: two input parts' text columns (the next is read while one is sorted), one buffer, or one
-slice at a time, plus the plan's keys and the runs' offsets. The price is writing the text once more and reading it back. (DuckDB's
+Memory: two input parts' text columns (the next is read while one is sorted), one buffer, or two
+slices at a time (the next is read while the consumer works on one), plus the plan's keys and the
+runs' offsets. The price is writing the text once more and reading it back. (DuckDB's
 ORDER BY and hash join, tried first, ran out of memory under a 256 MB limit on string payloads:
 DuckDB 2.0.1, 1.2 GB of text. A first version of this module read every part twice, once for
 the lengths, and wrote a piece per part and slice: the pieces grew as parts times slices.)
@@ -87,18 +88,19 @@ class Gathered:
     runs: dict[str, list[_Run]] = field(default_factory=dict)
 
     def slices(self) -> Iterator[pl.DataFrame]:
-        # Read, not mapped: a string the consumer keeps (a message that is its question
-        # unchanged) would keep every mapped page of its slice resident.
+        # The next slice is read on a thread while the consumer works on this one: a slice is
+        # many small direct reads (a range of every run), which wait on the disk, not the CPU.
         try:
-            for a, b in self.bounds:
-                frames = [_read_slice(self.file, self.runs.get(alias, []), cols, a, b)
-                          for alias, cols in self.aliases.items()]
-                out = pl.concat(frames, how="horizontal").select(self.columns)
-                del frames
-                yield out  # the consumer owns the slice: hold no reference while it works
-                del out
+            yield from read_ahead(self._slice, self.bounds)
         finally:
             self.file.close()
+
+    def _slice(self, bounds: tuple[int, int]) -> pl.DataFrame:
+        # Read, not mapped: a string the consumer keeps (a message that is its question
+        # unchanged) would keep every mapped page of its slice resident.
+        a, b = bounds
+        frames = [_read_slice(self.file, self.runs.get(alias, []), cols, a, b) for alias, cols in self.aliases.items()]
+        return pl.concat(frames, how="horizontal").select(self.columns)
 
 
 def gather(plan: pl.DataFrame, sources: Sources, max_bytes: int, scratch: Path,

@@ -53,17 +53,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-# zstd level of the excluded rows (an audit trail, written in bulk, read rarely): level 1 costs
-# about half the CPU of the default (3) for ~20% larger files; tables keep the default.
-EXCLUDED_ZSTD_LEVEL = 1
+# zstd level of every part: level 1 costs about half the CPU of Polars' default (3) for files
+# ~20% larger. Writing the text tables (teacher samples, gold chains, sft) is much of what
+# post-processing costs, and the published files are level 1 already (export writes them with
+# pyarrow, whose default it is), so the higher level only ever saved disk in the run folder.
+ZSTD_LEVEL = 1
 
 
-def atomic_write_parquet(path: Path, df: pl.DataFrame, compression_level: int | None = None) -> None:
+def atomic_write_parquet(path: Path, df: pl.DataFrame) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        df.write_parquet(tmp, compression="zstd", compression_level=compression_level, statistics=True)
+        df.write_parquet(tmp, compression="zstd", compression_level=ZSTD_LEVEL, statistics=True)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -235,7 +237,7 @@ class ArtifactStore:
         record, and the kept rows last (the marker)."""
         self.part_path(table, shard).unlink(missing_ok=True)
         if excluded is not None and excluded.height:
-            atomic_write_parquet(self.excluded_path(table, shard), excluded, EXCLUDED_ZSTD_LEVEL)
+            atomic_write_parquet(self.excluded_path(table, shard), excluded)
         else:
             self.excluded_path(table, shard).unlink(missing_ok=True)
         atomic_write_json(self.funnel_path(table, shard), funnel or {})
