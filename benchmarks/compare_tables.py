@@ -33,11 +33,11 @@ def _funnel_totals(d: Path) -> dict:
 def main(argv=None) -> int:
     a, b = (Path(x) for x in (argv or sys.argv[1:]))
     pa_, pb = sorted(a.glob("part-*.parquet")), sorted(b.glob("part-*.parquet"))
-    ta = pl.concat([pl.read_parquet(x) for x in pa_], how="vertical_relaxed")
-    tb = pl.concat([pl.read_parquet(x) for x in pb], how="vertical_relaxed")
+    fa, fb = [pl.read_parquet(x) for x in pa_], [pl.read_parquet(x) for x in pb]
+    ta, tb = pl.concat(fa, how="vertical_relaxed"), pl.concat(fb, how="vertical_relaxed")
     table = ta.schema == tb.schema and ta.equals(tb)
     funnel = _funnel_totals(a) == _funnel_totals(b)
-    frames = sum(pl.read_parquet(x).equals(pl.read_parquet(y)) for x, y in zip(pa_, pb))
+    frames = sum(x.equals(y) for x, y in zip(fa, fb))
     same = sum(hashlib.sha256(x.read_bytes()).digest() == hashlib.sha256(y.read_bytes()).digest()
                for x, y in zip(pa_, pb))
     print(f"table: {ta.height} and {tb.height} rows, equal (rows, order, values, types): {table}; "

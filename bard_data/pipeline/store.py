@@ -53,8 +53,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-# zstd level of every part: level 1 costs about half the CPU of Polars' default (3) for files
-# ~20% larger. Writing the text tables (teacher samples, gold chains, sft) is much of what
+# zstd level of every part: level 1 costs much less CPU than Polars' default (3) for somewhat
+# larger files. Writing the text tables (teacher samples, gold chains, sft) is much of what
 # post-processing costs, and the published files are level 1 already (export writes them with
 # pyarrow, whose default it is), so the higher level only ever saved disk in the run folder.
 ZSTD_LEVEL = 1

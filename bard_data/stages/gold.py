@@ -149,13 +149,16 @@ def _parts_info(store) -> list[_Part]:
 
 
 def _attach(df: pl.DataFrame, d: pl.DataFrame, template: pl.DataFrame, questions: pl.Series,
-            extra: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Rows of one part (or a slice of one) with their decisions attached: (kept, excluded)."""
+            extra: list[str], ex_cols: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Rows of one part (or a slice of one) with their decisions attached: the gold chains
+    (``GOLD_COLUMNS`` and ``_rank``) and the excluded rows (``ex_cols`` and ``_xrank``), each
+    cut to its columns before it is filtered (the excluded rows are most rows, without text)."""
     df = pl.concat([template, df], how="diagonal_relaxed")
     df = df.with_columns(questions.gather(d["_q"]).alias("question"), *(d[c] for c in extra),
                          d["reason"], d["detail"], d["_rank"], d["_xrank"])
     is_kept = pl.col("_rank").is_not_null()
-    return df.filter(is_kept), df.filter(~is_kept)
+    return (df.select(*GOLD_COLUMNS, "_rank").filter(is_kept),
+            df.select(*ex_cols, "_xrank", is_kept.alias("_kept")).filter(~pl.col("_kept")).drop("_kept"))
 
 
 class GoldStage(Stage):
@@ -263,12 +266,12 @@ def select_gold_parts(store, parts: list[_Part], args) -> Iterator[ShardResult]:
                 df = next(frames)
                 if df.height != n:
                     raise RuntimeError(f"gold selection: {p.path} changed while it was read")
-                kept, ex = _attach(df, d.slice(first, n), template, questions, extra)
+                kept, ex = _attach(df, d.slice(first, n), template, questions, extra, ex_cols)
                 rows_in += n
                 if kept.height:
-                    kept_buf.append(_compact(kept.select(*GOLD_COLUMNS, "_rank")))
+                    kept_buf.append(_compact(kept))
                 if ex.height:
-                    ex_buf.append(ex.select(*ex_cols, "_xrank"))
+                    ex_buf.append(ex)
                 del df, kept, ex
         kept = pl.concat(kept_buf, how="vertical_relaxed").sort("_rank").drop("_rank")
         ex = pl.concat(ex_buf, how="vertical_relaxed").sort("_xrank").drop("_xrank") if ex_buf else None
